@@ -1,0 +1,358 @@
+"""Config helpers: the base config, loading experiment files, validation, derived values.
+
+An experiment file `experiments/NAME.py` defines `get_config(arg=None)` that
+starts from `base()` and sets what the experiment needs. `validate` checks the
+result before any compute: an unknown key, a wrong type or an invalid value
+raises `ConfigError` with one line naming the key and the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import inspect
+import json
+import os
+import re
+from pathlib import Path
+
+import ml_collections
+
+from research import registry
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DTYPES = ("float32", "bfloat16")
+MESH_AXES = ("data", "fsdp", "model")
+# Model arguments the trainer fills in itself (from the dataset and config.dtype).
+DERIVED_MODEL_KEYS = ("num_classes", "dtype")
+
+
+class ConfigError(ValueError):
+  """Bad config: the message is one line naming the key and what is valid."""
+
+
+def base() -> ml_collections.ConfigDict:
+  """Every key a run reads, with defaults. Experiments change what they need."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.data = ml_collections.ConfigDict(
+      dict(
+          name="mnist",
+          raw_dir="",  # original files; "" downloads through TFDS when online
+          data_dir="",  # TFDS data_dir; "" uses $TFDS_DATA_DIR or ~/tensorflow_datasets
+          train_split="train",
+          eval_split="test",
+      )
+  )
+  config.model = ml_collections.ConfigDict(dict(name="softmax_regression"))
+  config.loss = ml_collections.ConfigDict(dict(name="softmax_xent", label_smoothing=0.0))
+  config.optimizer = ml_collections.ConfigDict(
+      dict(
+          name="sgd",
+          learning_rate=0.1,
+          weight_decay=0.0,
+          grad_clip_norm=0.0,  # 0 disables global-norm clipping
+          l1_penalty=0.0,
+          l2_penalty=0.0,
+      )
+  )
+  config.schedule = ml_collections.ConfigDict(dict(name="constant"))
+  config.global_batch_size = 128
+  config.eval_batch_size = 1000
+  config.num_epochs = 1.0
+  config.num_train_steps = -1  # > 0 overrides num_epochs
+  config.dtype = "float32"  # compute dtype; parameters, optimizer state and loss stay float32
+  config.log_every_steps = 100
+  config.eval_every_steps = -1  # -1: evaluate only at the end
+  config.checkpoint_every_steps = 1000
+  config.max_to_keep = 3
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+  return config
+
+
+def entry(kind: str, name: str, **overrides) -> ml_collections.ConfigDict:
+  """A config section for registry entry `name` with every argument at its default.
+
+  Filling the defaults in makes every argument overridable from the command
+  line and recorded in config.json.
+  """
+  section = {"name": name}
+  if kind == "optimizer":  # the keys every optimizer shares, then its own
+    section.update({k: v for k, v in base().optimizer.items() if k != "name"})
+  for key, param in _section_parameters(kind, name).items():
+    if param.default is not inspect.Parameter.empty:
+      section[key] = param.default
+  for key, value in overrides.items():
+    if key not in section and key != "name":
+      raise ConfigError(_unknown_key_message(f"{kind}.{key}", section))
+    section[key] = value
+  return ml_collections.ConfigDict(section)
+
+
+def raw_data_dir(folder: str) -> str:
+  """Where the original files of a dataset are: $RESEARCH_RAW_DATA/folder, else
+  ../shared/data/folder beside the repository, else "" (download online)."""
+  root = os.environ.get("RESEARCH_RAW_DATA")
+  if root:
+    return str(Path(root) / folder)
+  local = REPO_ROOT.parent / "shared" / "data" / folder
+  return str(local) if local.is_dir() else ""
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path.py[:arg]` the way config_flags does."""
+  path, _, arg = spec.partition(":")
+  if not Path(path).is_file():
+    available = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "experiments").glob("*.py"))
+    raise ConfigError(f"config file {path!r} not found; available: {', '.join(available)}")
+  module_spec = importlib.util.spec_from_file_location("_experiment_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+# --- Validation.
+
+
+def _section_parameters(kind: str, name: str) -> dict[str, inspect.Parameter]:
+  if kind == "model":
+    params = registry.models.parameters(name)
+    return {k: v for k, v in params.items() if k not in DERIVED_MODEL_KEYS}
+  if kind == "optimizer":
+    return {k: v for k, v in registry.optimizers.parameters(name).items() if k != "schedule"}
+  if kind == "schedule":
+    params = registry.schedules.parameters(name)
+    return {k: v for k, v in params.items() if k not in ("learning_rate", "total_steps")}
+  if kind == "loss":
+    return registry.losses.parameters(name)
+  raise KeyError(kind)
+
+
+_REGISTRIES = {
+    "model": registry.models,
+    "optimizer": registry.optimizers,
+    "schedule": registry.schedules,
+    "loss": registry.losses,
+}
+
+
+def _flat_keys(config, prefix="config") -> list[str]:
+  keys = []
+  for key, value in config.items():
+    path = f"{prefix}.{key}"
+    keys.append(path)
+    if isinstance(value, ml_collections.ConfigDict):
+      keys.extend(_flat_keys(value, path))
+  return keys
+
+
+def _unknown_key_message(path: str, valid) -> str:
+  """'config.a.b: unknown key; nearest valid key: config.a.c' for a missing path."""
+  parent, _, key = path.rpartition(".")
+  close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.0)
+  nearest = f"; nearest valid key: {parent}.{close[0]}" if close else ""
+  return f"{path}: unknown key{nearest} (valid at {parent}: {', '.join(sorted(valid))})"
+
+
+def unknown_path_message(config, dotted: str) -> str | None:
+  """If `config.<dotted>` does not exist, the one-line error for it, else None."""
+  node, walked = config, "config"
+  for key in dotted.split("."):
+    if not isinstance(node, ml_collections.ConfigDict):
+      return f"{walked}.{key}: unknown key; {walked} is a {type(node).__name__}, not a section"
+    if key not in node:
+      return _unknown_key_message(f"{walked}.{key}", node.keys())
+    node, walked = node[key], f"{walked}.{key}"
+  return None
+
+
+def _type_ok(value, default) -> bool:
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(default, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(default, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  if isinstance(default, str):
+    return isinstance(value, str)
+  return True  # None or other defaults: no type to hold it to
+
+
+def _check_section(config, kind: str, fixed_keys: tuple[str, ...] = ()):
+  section = config[kind]
+  if not isinstance(section, ml_collections.ConfigDict) or "name" not in section:
+    raise ConfigError(f"config.{kind}: must be a section with a 'name'")
+  try:
+    params = _section_parameters(kind, section.name)
+  except registry.UnknownNameError as e:
+    raise ConfigError(f"config.{kind}.name: {e}") from None
+  valid = {"name": None, **{k: None for k in fixed_keys}, **params}
+  for key, value in section.items():
+    if key not in valid:
+      raise ConfigError(_unknown_key_message(f"config.{kind}.{key}", valid))
+    param = params.get(key)
+    if param is not None and param.default is not inspect.Parameter.empty:
+      if not _type_ok(value, param.default):
+        raise ConfigError(
+            f"config.{kind}.{key}: wrong type {type(value).__name__} ({value!r}); "
+            f"expected {type(param.default).__name__} like {param.default!r}"
+        )
+    if "dropout" in key and not 0.0 <= value < 1.0:
+      raise ConfigError(f"config.{kind}.{key}={value}: must be in [0, 1)")
+
+
+def _require(condition: bool, message: str):
+  if not condition:
+    raise ConfigError(message)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError (one line) for an unknown key, a wrong type or a bad value."""
+  reference = base()
+  for key in config.keys():
+    if key not in reference:
+      raise ConfigError(_unknown_key_message(f"config.{key}", reference.keys()))
+  for key in reference.keys():
+    if key not in config:
+      raise ConfigError(f"config.{key}: missing; start experiment configs from research.config.base()")
+  for path in _flat_keys(reference):
+    dotted = path.removeprefix("config.")
+    section = dotted.split(".")[0]
+    if section in _REGISTRIES:
+      continue
+    message = unknown_path_message(config, dotted)
+    if message:
+      raise ConfigError(f"config.{dotted}: missing; start experiment configs from research.config.base()")
+  for key, value in config.items():
+    if key in _REGISTRIES:
+      continue
+    if isinstance(value, ml_collections.ConfigDict):
+      for sub, sub_value in value.items():
+        if sub not in reference[key]:
+          raise ConfigError(_unknown_key_message(f"config.{key}.{sub}", reference[key].keys()))
+        if not _type_ok(sub_value, reference[key][sub]):
+          raise ConfigError(
+              f"config.{key}.{sub}: wrong type {type(sub_value).__name__} ({sub_value!r}); "
+              f"expected {type(reference[key][sub]).__name__}"
+          )
+    elif not _type_ok(value, reference[key]):
+      raise ConfigError(
+          f"config.{key}: wrong type {type(value).__name__} ({value!r}); "
+          f"expected {type(reference[key]).__name__}"
+      )
+
+  from research import optim
+
+  _check_section(config, "model")
+  _check_section(config, "loss")
+  _check_section(config, "schedule")
+  _check_section(config, "optimizer", fixed_keys=optim.COMMON_KEYS)
+  try:
+    registry.datasets.get(config.data.name)
+  except registry.UnknownNameError as e:
+    raise ConfigError(f"config.data.name: {e}") from None
+
+  opt = config.optimizer
+  _require(opt.learning_rate > 0, f"config.optimizer.learning_rate={opt.learning_rate}: must be > 0")
+  for key in ("weight_decay", "grad_clip_norm", "l1_penalty", "l2_penalty"):
+    _require(opt[key] >= 0, f"config.optimizer.{key}={opt[key]}: must be >= 0")
+  _require(config.global_batch_size > 0, f"config.global_batch_size={config.global_batch_size}: must be > 0")
+  _require(config.eval_batch_size > 0, f"config.eval_batch_size={config.eval_batch_size}: must be > 0")
+  _require(
+      config.num_train_steps > 0 or config.num_epochs > 0,
+      "config.num_epochs and config.num_train_steps: one of them must be > 0",
+  )
+  _require(config.dtype in DTYPES, f"config.dtype={config.dtype!r}: valid: {', '.join(DTYPES)}")
+  for key in ("log_every_steps", "checkpoint_every_steps", "max_to_keep"):
+    _require(config[key] > 0, f"config.{key}={config[key]}: must be > 0")
+  _require(
+      config.eval_every_steps > 0 or config.eval_every_steps == -1,
+      f"config.eval_every_steps={config.eval_every_steps}: must be > 0, or -1 for the end only",
+  )
+  for axis in MESH_AXES:
+    size = config.mesh[axis]
+    _require(size > 0 or size == -1, f"config.mesh.{axis}={size}: must be > 0, or -1 to fill")
+
+
+# --- Command-line overrides.
+
+_FLAG_VALUE_ERROR = re.compile(r"flag --config\.([\w.]+)=(.*?): (.*)", re.S)
+
+
+def _load_for_message(spec: str) -> ml_collections.ConfigDict:
+  try:
+    return load_file(spec)
+  except ConfigError:
+    raise
+  except Exception as e:  # noqa: BLE001  any failure inside the user's config file
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError(f"config file {spec}: {type(e).__name__}: {first_line}") from None
+
+
+def describe_flags_error(error: Exception, argv: list[str]) -> str:
+  """One line for a failure to parse the command line (bad override, bad flag)."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  match = _FLAG_VALUE_ERROR.match(str(error))
+  if match and spec:
+    dotted, value, reason = match.groups()
+    config = _load_for_message(spec)
+    message = unknown_path_message(config, dotted)
+    if message:
+      return message
+    node = config
+    for key in dotted.split("."):
+      node = node[key]
+    reason = reason.strip().splitlines()[0]
+    return (
+        f"config.{dotted}: wrong type for value {value!r}: expected "
+        f"{type(node).__name__} like {node!r} ({reason})"
+    )
+  if spec:
+    config = _load_for_message(spec)
+    for arg in argv:
+      if arg.startswith("--config."):
+        dotted = arg[len("--config.") :].split("=", 1)[0]
+        message = unknown_path_message(config, dotted)
+        if message:
+          return message
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
+
+
+# --- Derived values and the saved config.
+
+
+def to_json(config, **extra) -> str:
+  return json.dumps({"config": config.to_dict(), **extra}, indent=2, sort_keys=True, default=str)
+
+
+def diff(saved: dict, current: dict, ignore=(), prefix: str = "") -> list[str]:
+  """'key: old -> new' for every leaf that differs between two config dicts."""
+  differ = []
+  for key in sorted(set(saved) | set(current)):
+    path = f"{prefix}{key}"
+    if path in ignore:
+      continue
+    old, new = saved.get(key, "<absent>"), current.get(key, "<absent>")
+    if isinstance(old, dict) and isinstance(new, dict):
+      differ.extend(diff(old, new, ignore, f"{path}."))
+    elif old != new:
+      differ.append(f"{path}: {old!r} -> {new!r}")
+  return differ
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """`file.py:a=1,b=x` -> ConfigDict(a=1, b='x'), typed by `defaults`; unknown names are errors."""
+  options = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in options:
+      raise ConfigError(_unknown_key_message(f"config arg {key}", options.keys()))
+    default = options[key]
+    if isinstance(default, bool):
+      options[key] = value.lower() in ("", "1", "true", "yes")
+    else:
+      options[key] = type(default)(value)
+  return options

@@ -1,0 +1,1 @@
+"""Data: TFDS sources (prepared offline from the original files) and the step-indexed loader."""

@@ -1,0 +1,112 @@
+"""Datasets prepared by TFDS's own builders, offline from the original files.
+
+Offline, `config.data.raw_dir` points at the files the dataset's hosts serve
+(e.g. `../shared/data/mnist`); they are checked against the sha256 that TFDS
+registers for the dataset and handed to the builder as its `manual_dir`, so
+TFDS prepares exactly as it would after a download. With `raw_dir = ""` the
+same builder downloads. TensorFlow and TFDS are imported only here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from research import registry
+
+
+class DataError(ValueError):
+  """Missing or damaged data: the message is one line naming the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayDataset:
+  """A dataset small enough to hold in memory: splits of numpy arrays."""
+
+  train: dict[str, np.ndarray]
+  eval: dict[str, np.ndarray]
+  num_classes: int
+
+  @property
+  def num_train_examples(self) -> int:
+    return len(self.train["label"])
+
+
+def _import_tfds():
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+
+  # TensorFlow only decodes data here: keep it off the accelerators JAX uses.
+  tf.config.set_visible_devices([], "GPU")
+  tfds.disable_progress_bar()
+  return tfds
+
+
+def sha256(path: Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def verify_raw_files(builder, raw_dir: str) -> None:
+  """Checks that every file the builder downloads is in raw_dir with its registered sha256."""
+  for url, info in sorted(builder.url_infos.items()):
+    path = Path(raw_dir) / info.filename
+    if not path.is_file():
+      raise DataError(
+          f"missing raw file {path} for {builder.name} (expected sha256 {info.checksum}, from {url})"
+      )
+    actual = sha256(path)
+    if actual != info.checksum:
+      raise DataError(
+          f"checksum mismatch for {path}: got sha256 {actual}, expected sha256 {info.checksum}"
+      )
+
+
+def prepare(tfds_name: str, raw_dir: str = "", data_dir: str = ""):
+  """Returns the TFDS builder for `tfds_name`, prepared (from raw_dir when given)."""
+  tfds = _import_tfds()
+  builder = tfds.builder(tfds_name, data_dir=data_dir or None)
+  if builder.is_prepared():
+    return builder
+  if raw_dir:
+    verify_raw_files(builder, raw_dir)
+    download_config = tfds.download.DownloadConfig(manual_dir=raw_dir)
+  else:
+    download_config = tfds.download.DownloadConfig()
+  builder.download_and_prepare(download_config=download_config)
+  return builder
+
+
+def load_arrays(builder, split: str) -> dict[str, np.ndarray]:
+  tfds = _import_tfds()
+  if split not in builder.info.splits:
+    raise DataError(
+        f"unknown split {split!r} for {builder.name}; valid: {', '.join(sorted(builder.info.splits))}"
+    )
+  arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+  return {"image": arrays["image"], "label": arrays["label"].astype(np.int32)}
+
+
+def _image_classification(tfds_name: str):
+  def load(data_config) -> ArrayDataset:
+    builder = prepare(tfds_name, data_config.raw_dir, data_config.data_dir)
+    return ArrayDataset(
+        train=load_arrays(builder, data_config.train_split),
+        eval=load_arrays(builder, data_config.eval_split),
+        num_classes=builder.info.features["label"].num_classes,
+    )
+
+  load.__doc__ = f"TFDS {tfds_name!r}, held in memory as uint8 NHWC images and int32 labels."
+  return load
+
+
+for _name in ("mnist", "fashion_mnist"):
+  registry.datasets.register(_name)(_image_classification(_name))

@@ -1,0 +1,150 @@
+"""Optax optimizers and learning-rate schedules from the config.
+
+`config.optimizer` holds `name`, the keys every optimizer shares (COMMON_KEYS)
+and the keyword arguments of the named factory below; `config.schedule` holds
+`name` and the keyword arguments of its factory.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from research import registry
+
+# Keys of config.optimizer that every optimizer accepts.
+COMMON_KEYS = ("learning_rate", "weight_decay", "grad_clip_norm", "l1_penalty", "l2_penalty")
+
+
+def decay_mask(params):
+  """True for weights that weight decay and penalties apply to: not biases, not norms."""
+
+  def is_decayed(path, leaf):
+    names = [str(getattr(k, "key", k)).lower() for k in path]
+    return leaf.ndim > 1 and not any("norm" in n or n == "scale" for n in names)
+
+  return jax.tree_util.tree_map_with_path(is_decayed, params)
+
+
+def penalty(params, l1: float, l2: float) -> jax.Array:
+  """l1 * sum|w| + l2/2 * sum w^2 over the decayed weights (added to the loss)."""
+  total = jnp.zeros((), jnp.float32)
+  if not (l1 or l2):
+    return total
+  leaves = jax.tree.leaves(jax.tree.map(lambda p, m: p if m else None, params, decay_mask(params)))
+  for w in leaves:
+    w = w.astype(jnp.float32)
+    total += l1 * jnp.sum(jnp.abs(w)) + 0.5 * l2 * jnp.sum(jnp.square(w))
+  return total
+
+
+# --- Schedules: factory(base_learning_rate, total_steps, **kwargs) -> schedule.
+
+
+@registry.schedules.register("constant")
+def constant(learning_rate: float, total_steps: int):
+  del total_steps
+  return optax.constant_schedule(learning_rate)
+
+
+@registry.schedules.register("cosine")
+def cosine(learning_rate: float, total_steps: int, alpha: float = 0.0):
+  """Cosine decay from `learning_rate` to `alpha * learning_rate`."""
+  return optax.cosine_decay_schedule(learning_rate, total_steps, alpha)
+
+
+@registry.schedules.register("warmup_cosine")
+def warmup_cosine(
+    learning_rate: float, total_steps: int, warmup_steps: int = 0, end_value: float = 0.0
+):
+  """Linear warm-up from 0 over `warmup_steps`, then cosine decay to `end_value`."""
+  if warmup_steps >= total_steps:
+    raise ValueError(f"schedule.warmup_steps={warmup_steps} must be < total steps {total_steps}")
+  return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, total_steps, end_value)
+
+
+@registry.schedules.register("piecewise")
+def piecewise(
+    learning_rate: float,
+    total_steps: int,
+    boundaries: tuple[int, ...] = (),
+    scales: tuple[float, ...] = (),
+):
+  """Multiply the rate by scales[i] at step boundaries[i] (steps, ascending)."""
+  del total_steps
+  if len(boundaries) != len(scales):
+    raise ValueError(
+        f"schedule.boundaries ({len(boundaries)}) and schedule.scales ({len(scales)}) "
+        "must have the same length"
+    )
+  return optax.piecewise_constant_schedule(learning_rate, dict(zip(boundaries, scales)))
+
+
+@registry.schedules.register("one_cycle")
+def one_cycle(
+    learning_rate: float,
+    total_steps: int,
+    pct_start: float = 0.3,
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+):
+  """Smith's one-cycle policy: cosine up to `learning_rate`, then cosine down."""
+  return optax.cosine_onecycle_schedule(
+      total_steps, learning_rate, pct_start, div_factor, final_div_factor
+  )
+
+
+# --- Optimizers: factory(schedule, weight_decay, **kwargs) -> GradientTransformation.
+
+
+def _coupled_decay(weight_decay: float):
+  if not weight_decay:
+    return optax.identity()
+  return optax.add_decayed_weights(weight_decay, mask=decay_mask)
+
+
+@registry.optimizers.register("sgd")
+def sgd(schedule, weight_decay: float):
+  return optax.chain(_coupled_decay(weight_decay), optax.sgd(schedule))
+
+
+@registry.optimizers.register("momentum")
+def momentum(schedule, weight_decay: float, momentum: float = 0.9, nesterov: bool = False):
+  return optax.chain(
+      _coupled_decay(weight_decay), optax.sgd(schedule, momentum=momentum, nesterov=nesterov)
+  )
+
+
+@registry.optimizers.register("adam")
+def adam(schedule, weight_decay: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+  return optax.chain(_coupled_decay(weight_decay), optax.adam(schedule, b1, b2, eps))
+
+
+@registry.optimizers.register("adamw")
+def adamw(schedule, weight_decay: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+  """Adam with decoupled weight decay (Loshchilov & Hutter), masked off biases and norms."""
+  return optax.adamw(schedule, b1, b2, eps, weight_decay=weight_decay, mask=decay_mask)
+
+
+def factory_keys(optimizer_name: str) -> list[str]:
+  """Config keys the named optimizer accepts besides COMMON_KEYS."""
+  params = registry.optimizers.parameters(optimizer_name)
+  return [k for k in params if k not in ("schedule", "weight_decay")]
+
+
+def make_schedule(schedule_config, learning_rate: float, total_steps: int):
+  kwargs = {k: v for k, v in schedule_config.items() if k != "name"}
+  return registry.schedules.get(schedule_config.name)(learning_rate, total_steps, **kwargs)
+
+
+def make_optimizer(optimizer_config, schedule_config, total_steps: int):
+  """Returns (optax transformation, learning-rate schedule)."""
+  schedule = make_schedule(schedule_config, optimizer_config.learning_rate, total_steps)
+  kwargs = {k: optimizer_config[k] for k in factory_keys(optimizer_config.name) if k in optimizer_config}
+  tx = registry.optimizers.get(optimizer_config.name)(
+      schedule, optimizer_config.weight_decay, **kwargs
+  )
+  if optimizer_config.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(optimizer_config.grad_clip_norm), tx)
+  return tx, schedule

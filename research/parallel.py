@@ -1,0 +1,64 @@
+"""The device mesh from the config, and the shardings of batches and state.
+
+Axes are (data, fsdp, model). The batch is split over data x fsdp; for now the
+train state is replicated (parameter sharding rules come with the logical axis
+names that every model parameter already carries).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from research.config import MESH_AXES, ConfigError
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
+  """Axis sizes with a -1 filled in so that their product is num_devices."""
+  sizes = [mesh_config[axis] for axis in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ConfigError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ConfigError(
+          f"config.mesh={dict(zip(MESH_AXES, sizes))}: fixed axes ({known}) do not divide "
+          f"{num_devices} devices"
+      )
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ConfigError(
+        f"config.mesh={dict(zip(MESH_AXES, sizes))}: product {math.prod(sizes)} != {num_devices} devices"
+    )
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_config, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Assembles each process's rows into global arrays sharded over the batch axes."""
+  return {
+      key: jax.make_array_from_process_local_data(sharding, value)
+      for key, value in local_batch.items()
+  }

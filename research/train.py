@@ -1,0 +1,285 @@
+"""Train, evaluate and checkpoint one experiment.
+
+    python -m research.train --config=experiments/mnist_cnn.py --workdir=runs/mnist_cnn
+
+flags -> config (validated) -> mesh -> data -> model + optimizer -> init or
+restore -> loop (step, log, eval, checkpoint) -> final evaluation -> close.
+Re-running the same command on the same workdir resumes from its latest
+checkpoint. Bad input exits with code 2 and one line naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as logging_std
+import math
+import sys
+import time
+import zlib
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from research import config as config_lib
+from research import registry
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, path.py[:arg].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume a workdir whose saved config differs from this one."
+)
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for bad input.")
+
+USAGE_ERRORS = (config_lib.ConfigError, registry.UnknownNameError)
+EXIT_USAGE = 2
+
+
+def rng_for(seed: int, name: str):
+  """One seed, split by name: params, dropout, ... are independent streams."""
+  import jax
+
+  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()))
+
+
+def derived_values(config, num_train_examples: int) -> dict:
+  steps_per_epoch = num_train_examples / config.global_batch_size
+  if config.num_train_steps > 0:
+    total_steps = config.num_train_steps
+  else:
+    total_steps = math.ceil(config.num_epochs * steps_per_epoch)
+  return {
+      "global_batch_size": config.global_batch_size,
+      "num_train_examples": num_train_examples,
+      "steps_per_epoch": steps_per_epoch,
+      "total_steps": total_steps,
+      "epochs": total_steps / steps_per_epoch,
+  }
+
+
+def prepare_workdir(workdir: Path, config, allow_config_change: bool) -> None:
+  """Creates the workdir; refuses to mix this run into one made with another config."""
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / ".write_test"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise config_lib.ConfigError(f"--workdir={workdir}: not writable ({e.strerror})") from None
+  saved_path = workdir / "config.json"
+  if saved_path.exists() and not allow_config_change:
+    saved = json.loads(saved_path.read_text())["config"]
+    current = json.loads(config_lib.to_json(config))["config"]
+    differ = config_lib.diff(saved, current, ignore=("data.raw_dir", "data.data_dir"))
+    if differ:
+      raise config_lib.ConfigError(
+          f"--workdir={workdir} holds a run with another config ({'; '.join(differ)}); "
+          "use a new --workdir, or --allow_config_change to resume it anyway"
+      )
+
+
+def evaluate(eval_step, params, arrays, eval_batch_size, sharding, process_index, process_count):
+  """Mean loss and accuracy over every example of `arrays`, each visited exactly once."""
+  import jax
+
+  from research import parallel
+  from research.data import loader
+
+  totals = None
+  for local in loader.eval_batches(arrays, eval_batch_size, process_index, process_count):
+    sums = eval_step(params, parallel.global_batch(local, sharding))
+    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+  assert totals["count"] == len(arrays["label"]), (totals["count"], len(arrays["label"]))
+  return {"loss": totals["loss_sum"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
+
+
+def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
+  """Runs (or resumes) the experiment; returns the final eval metrics."""
+  config_lib.validate(config)
+  workdir = Path(workdir)
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from research import checkpoint, optim, parallel
+  from research import metrics as metrics_lib
+  from research import step as step_lib
+  from research.data import loader
+  from research.versions import versions
+
+  process_index, process_count = jax.process_index(), jax.process_count()
+  mesh = parallel.make_mesh(config.mesh)
+  dp = parallel.data_parallel_size(mesh)
+  for key in ("global_batch_size", "eval_batch_size"):
+    if config[key] % dp or config[key] % process_count:
+      raise config_lib.ConfigError(
+          f"config.{key}={config[key]}: must be divisible by the data-parallel size {dp} "
+          f"and the process count {process_count}"
+      )
+  if process_index == 0:
+    prepare_workdir(workdir, config, allow_config_change)
+
+  t0 = time.perf_counter()
+  dataset = registry.datasets.get(config.data.name)(config.data)
+  logging.info("[TIMING] data load: %.1fs", time.perf_counter() - t0)
+  derived = derived_values(config, dataset.num_train_examples)
+  total_steps = derived["total_steps"]
+
+  model_kwargs = {k: v for k, v in config.model.items() if k != "name"}
+  model = registry.models.get(config.model.name)(
+      **model_kwargs, num_classes=dataset.num_classes, dtype=config.dtype
+  )
+  loss_kwargs = {k: v for k, v in config.loss.items() if k != "name"}
+  loss_fn = registry.losses.get(config.loss.name)(**loss_kwargs)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.schedule, total_steps)
+
+  image_shape = dataset.train["image"].shape[1:]
+  init = lambda: step_lib.init_state(model, tx, rng_for(config.seed, "params"), image_shape)  # noqa: E731
+  state_shape = jax.eval_shape(init)
+  derived["num_params"] = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state_shape.params)))
+  derived["mesh"] = dict(mesh.shape)
+  derived["num_devices"] = jax.device_count()
+  logging.info("config:\n%s", config)
+  logging.info("derived: %s", json.dumps(derived))
+  if process_index == 0:
+    (workdir / "config.json").write_text(
+        config_lib.to_json(config, derived=derived, versions=versions())
+    )
+
+  state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), state_shape)
+  batch_sharding = parallel.batch_sharding(mesh)
+  replicated = parallel.replicated(mesh)
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", config.max_to_keep)
+  start_step = ckpt.latest_step()
+  if start_step is None:
+    state = jax.jit(init, out_shardings=state_sharding)()
+    start_step = 0
+  else:
+    abstract = checkpoint.abstract_with_shardings(state_shape, state_sharding)
+    state = ckpt.restore(start_step, abstract)
+    logging.info("resumed from checkpoint at step %d", start_step)
+
+  train_step = jax.jit(
+      step_lib.make_train_step(
+          model, tx, loss_fn, schedule, rng_for(config.seed, "dropout"),
+          config.optimizer.l1_penalty, config.optimizer.l2_penalty,
+      ),
+      in_shardings=(state_sharding, batch_sharding),
+      out_shardings=(state_sharding, replicated),
+      donate_argnums=(0,),
+  )
+  eval_step = jax.jit(
+      step_lib.make_eval_step(model, loss_fn),
+      in_shardings=(state_sharding.params, batch_sharding),
+      out_shardings=replicated,
+  )
+  run_eval = lambda params: evaluate(  # noqa: E731
+      eval_step, params, dataset.eval, config.eval_batch_size, batch_sharding,
+      process_index, process_count,
+  )
+  train_loader = loader.StepLoader(
+      dataset.train, config.global_batch_size, config.seed, process_index, process_count
+  )
+  writer = metrics_lib.MetricWriter(workdir, enabled=process_index == 0)
+  metadata = {"config": config.to_dict(), "versions": versions()}
+  metadata = json.loads(json.dumps(metadata, default=str))
+  progress = metrics_lib.Progress(start_step, total_steps, config.global_batch_size)
+  pending = []  # device metrics since the last log line
+  t_loop = time.perf_counter()
+  for step in range(start_step, total_steps):
+    batch = parallel.global_batch(train_loader(step), batch_sharding)
+    state, step_metrics = train_step(state, batch)
+    pending.append(step_metrics)
+    done = step + 1
+    if step == start_step:
+      jax.block_until_ready(step_metrics)
+      logging.info("[TIMING] first step (compile + run): %.1fs", time.perf_counter() - t_loop)
+      progress = metrics_lib.Progress(done, total_steps, config.global_batch_size)
+    if done % config.log_every_steps == 0 or done == total_steps:
+      averaged = jax.device_get(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *pending))
+      pending = []
+      speed = progress.report(done)
+      writer.write(done, "train", {**averaged, **speed})
+      if process_index == 0:
+        metrics_lib.log_line(done, total_steps, averaged, speed)
+    if config.eval_every_steps > 0 and done % config.eval_every_steps == 0 and done < total_steps:
+      eval_metrics = run_eval(state.params)
+      writer.write(done, config.data.eval_split, eval_metrics)
+      logging.info("step %d %s: %s", done, config.data.eval_split, eval_metrics)
+    if done % config.checkpoint_every_steps == 0 or done == total_steps:
+      ckpt.save(done, state, metadata)
+
+  final = run_eval(state.params)
+  writer.write(total_steps, config.data.eval_split, final)
+  if process_index == 0:
+    logging.info(
+        "final %s metrics at step %d: %s", config.data.eval_split, total_steps,
+        ", ".join(f"{k}={v:.4f}" for k, v in final.items()),
+    )
+  ckpt.close()
+  writer.close()
+  return final
+
+
+class _QuietLibraries(logging_std.Filter):
+  """Drops the INFO chatter of Orbax, TFDS and JAX internals; their warnings still show."""
+
+  NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/", "/etils/")
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or not any(n in record.pathname for n in self.NOISY)
+
+
+def main(argv):
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    return _usage_error("--config and --workdir are required")
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
+  except USAGE_ERRORS + (_data_error(),) as e:
+    if _VERBOSE.value:
+      raise
+    return _usage_error(str(e))
+
+
+def _data_error():
+  from research.data.sources import DataError  # light: numpy only
+
+  return DataError
+
+
+def _usage_error(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(EXIT_USAGE)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with a bad flag or override reported as one line and exit 2."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec and not Path(spec.partition(":")[0]).is_file():
+    try:
+      config_lib.load_file(spec)
+    except config_lib.ConfigError as e:
+      _usage_error(str(e))
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001  config_flags raises many types
+    if "--verbose" in argv:
+      raise
+    try:
+      message = config_lib.describe_flags_error(e, argv)
+    except config_lib.ConfigError as described:
+      message = str(described)
+    _usage_error(message)
+
+
+def run():
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

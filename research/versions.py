@@ -1,0 +1,21 @@
+"""Library versions, recorded in every checkpoint, config.json and results file."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+PACKAGES = (
+    "research", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections",
+    "numpy", "tensorflow-datasets", "tensorflow-cpu", "tensorflow",
+)
+
+
+def versions() -> dict[str, str]:
+  found = {"python": platform.python_version()}
+  for package in PACKAGES:
+    try:
+      found[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return found
