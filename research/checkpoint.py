@@ -16,10 +16,10 @@ import orbax.checkpoint as ocp
 class Checkpointer:
   def __init__(self, directory: str | Path, max_to_keep: int):
     self.manager = ocp.CheckpointManager(
-        Path(directory).absolute(),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True
-        ),
+      Path(directory).absolute(),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True
+      ),
     )
 
   def latest_step(self) -> int | None:
@@ -30,17 +30,17 @@ class Checkpointer:
 
   def save(self, step: int, state, metadata: dict) -> None:
     self.manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)
-        ),
-        force=True,
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)
+      ),
+      force=True,
     )
 
   def restore(self, step: int, abstract_state):
     """Restores `state` at `step` onto the shardings that abstract_state carries."""
     restored = self.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
     )
     return restored["state"]
 
@@ -56,5 +56,5 @@ class Checkpointer:
 def abstract_with_shardings(state_shape, shardings):
   """ShapeDtypeStructs that tell Orbax where each restored array goes."""
   return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shape, shardings
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shape, shardings
   )

@@ -36,25 +36,25 @@ def base() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.data = ml_collections.ConfigDict(
-      dict(
-          name="mnist",
-          raw_dir="",  # original files; "" downloads through TFDS when online
-          data_dir="",  # TFDS data_dir; "" uses $TFDS_DATA_DIR or ~/tensorflow_datasets
-          train_split="train",
-          eval_split="test",
-      )
+    dict(
+      name="mnist",
+      raw_dir="",  # original files; "" downloads through TFDS when online
+      data_dir="",  # TFDS data_dir; "" uses $TFDS_DATA_DIR or ~/tensorflow_datasets
+      train_split="train",
+      eval_split="test",
+    )
   )
   config.model = ml_collections.ConfigDict(dict(name="softmax_regression"))
   config.loss = ml_collections.ConfigDict(dict(name="softmax_xent", label_smoothing=0.0))
   config.optimizer = ml_collections.ConfigDict(
-      dict(
-          name="sgd",
-          learning_rate=0.1,
-          weight_decay=0.0,
-          grad_clip_norm=0.0,  # 0 disables global-norm clipping
-          l1_penalty=0.0,
-          l2_penalty=0.0,
-      )
+    dict(
+      name="sgd",
+      learning_rate=0.1,
+      weight_decay=0.0,
+      grad_clip_norm=0.0,  # 0 disables global-norm clipping
+      l1_penalty=0.0,
+      l2_penalty=0.0,
+    )
   )
   config.schedule = ml_collections.ConfigDict(dict(name="constant"))
   config.global_batch_size = 128
@@ -103,7 +103,9 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
   """Loads `path.py[:arg]` the way config_flags does."""
   path, _, arg = spec.partition(":")
   if not Path(path).is_file():
-    available = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "experiments").glob("*.py"))
+    available = sorted(
+      str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "experiments").glob("*.py")
+    )
     raise ConfigError(f"config file {path!r} not found; available: {', '.join(available)}")
   module_spec = importlib.util.spec_from_file_location("_experiment_config", path)
   module = importlib.util.module_from_spec(module_spec)
@@ -129,10 +131,10 @@ def _section_parameters(kind: str, name: str) -> dict[str, inspect.Parameter]:
 
 
 _REGISTRIES = {
-    "model": registry.models,
-    "optimizer": registry.optimizers,
-    "schedule": registry.schedules,
-    "loss": registry.losses,
+  "model": registry.models,
+  "optimizer": registry.optimizers,
+  "schedule": registry.schedules,
+  "loss": registry.losses,
 }
 
 
@@ -196,8 +198,8 @@ def _check_section(config, kind: str, fixed_keys: tuple[str, ...] = ()):
     if param is not None and param.default is not inspect.Parameter.empty:
       if not _type_ok(value, param.default):
         raise ConfigError(
-            f"config.{kind}.{key}: wrong type {type(value).__name__} ({value!r}); "
-            f"expected {type(param.default).__name__} like {param.default!r}"
+          f"config.{kind}.{key}: wrong type {type(value).__name__} ({value!r}); "
+          f"expected {type(param.default).__name__} like {param.default!r}"
         )
     if "dropout" in key and not 0.0 <= value < 1.0:
       raise ConfigError(f"config.{kind}.{key}={value}: must be in [0, 1)")
@@ -216,7 +218,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(_unknown_key_message(f"config.{key}", reference.keys()))
   for key in reference.keys():
     if key not in config:
-      raise ConfigError(f"config.{key}: missing; start experiment configs from research.config.base()")
+      raise ConfigError(
+        f"config.{key}: missing; start experiment configs from research.config.base()"
+      )
   for path in _flat_keys(reference):
     dotted = path.removeprefix("config.")
     section = dotted.split(".")[0]
@@ -224,7 +228,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       continue
     message = unknown_path_message(config, dotted)
     if message:
-      raise ConfigError(f"config.{dotted}: missing; start experiment configs from research.config.base()")
+      raise ConfigError(
+        f"config.{dotted}: missing; start experiment configs from research.config.base()"
+      )
   for key, value in config.items():
     if key in _REGISTRIES:
       continue
@@ -234,13 +240,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
           raise ConfigError(_unknown_key_message(f"config.{key}.{sub}", reference[key].keys()))
         if not _type_ok(sub_value, reference[key][sub]):
           raise ConfigError(
-              f"config.{key}.{sub}: wrong type {type(sub_value).__name__} ({sub_value!r}); "
-              f"expected {type(reference[key][sub]).__name__}"
+            f"config.{key}.{sub}: wrong type {type(sub_value).__name__} ({sub_value!r}); "
+            f"expected {type(reference[key][sub]).__name__}"
           )
     elif not _type_ok(value, reference[key]):
       raise ConfigError(
-          f"config.{key}: wrong type {type(value).__name__} ({value!r}); "
-          f"expected {type(reference[key]).__name__}"
+        f"config.{key}: wrong type {type(value).__name__} ({value!r}); "
+        f"expected {type(reference[key]).__name__}"
       )
 
   from research import optim
@@ -255,21 +261,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.data.name: {e}") from None
 
   opt = config.optimizer
-  _require(opt.learning_rate > 0, f"config.optimizer.learning_rate={opt.learning_rate}: must be > 0")
+  _require(
+    opt.learning_rate > 0, f"config.optimizer.learning_rate={opt.learning_rate}: must be > 0"
+  )
   for key in ("weight_decay", "grad_clip_norm", "l1_penalty", "l2_penalty"):
     _require(opt[key] >= 0, f"config.optimizer.{key}={opt[key]}: must be >= 0")
-  _require(config.global_batch_size > 0, f"config.global_batch_size={config.global_batch_size}: must be > 0")
-  _require(config.eval_batch_size > 0, f"config.eval_batch_size={config.eval_batch_size}: must be > 0")
   _require(
-      config.num_train_steps > 0 or config.num_epochs > 0,
-      "config.num_epochs and config.num_train_steps: one of them must be > 0",
+    config.global_batch_size > 0,
+    f"config.global_batch_size={config.global_batch_size}: must be > 0",
+  )
+  _require(
+    config.eval_batch_size > 0, f"config.eval_batch_size={config.eval_batch_size}: must be > 0"
+  )
+  _require(
+    config.num_train_steps > 0 or config.num_epochs > 0,
+    "config.num_epochs and config.num_train_steps: one of them must be > 0",
   )
   _require(config.dtype in DTYPES, f"config.dtype={config.dtype!r}: valid: {', '.join(DTYPES)}")
   for key in ("log_every_steps", "checkpoint_every_steps", "max_to_keep"):
     _require(config[key] > 0, f"config.{key}={config[key]}: must be > 0")
   _require(
-      config.eval_every_steps > 0 or config.eval_every_steps == -1,
-      f"config.eval_every_steps={config.eval_every_steps}: must be > 0, or -1 for the end only",
+    config.eval_every_steps > 0 or config.eval_every_steps == -1,
+    f"config.eval_every_steps={config.eval_every_steps}: must be > 0, or -1 for the end only",
   )
   for axis in MESH_AXES:
     size = config.mesh[axis]
@@ -306,8 +319,8 @@ def describe_flags_error(error: Exception, argv: list[str]) -> str:
       node = node[key]
     reason = reason.strip().splitlines()[0]
     return (
-        f"config.{dotted}: wrong type for value {value!r}: expected "
-        f"{type(node).__name__} like {node!r} ({reason})"
+      f"config.{dotted}: wrong type for value {value!r}: expected "
+      f"{type(node).__name__} like {node!r} ({reason})"
     )
   if spec:
     config = _load_for_message(spec)

@@ -62,15 +62,20 @@ class Progress:
     self._last_step, self._last_time = step, now
     eta = (self.total_steps - step) / max(steps_per_sec, 1e-9)
     return {
-        "steps_per_sec": steps_per_sec,
-        "examples_per_sec": steps_per_sec * self.examples_per_step,
-        "eta_sec": eta,
+      "steps_per_sec": steps_per_sec,
+      "examples_per_sec": steps_per_sec * self.examples_per_step,
+      "eta_sec": eta,
     }
 
 
 def log_line(step: int, total: int, metrics: dict[str, float], speed: dict[str, float]) -> None:
   eta = datetime.timedelta(seconds=int(speed["eta_sec"]))
   logging.info(
-      "step %d/%d loss=%.4f lr=%.3g examples/s=%.0f ETA %s",
-      step, total, metrics["loss"], metrics["learning_rate"], speed["examples_per_sec"], eta,
+    "step %d/%d loss=%.4f lr=%.3g examples/s=%.0f ETA %s",
+    step,
+    total,
+    metrics["loss"],
+    metrics["learning_rate"],
+    speed["examples_per_sec"],
+    eta,
   )

@@ -56,42 +56,46 @@ def cosine(learning_rate: float, total_steps: int, alpha: float = 0.0):
 
 @registry.schedules.register("warmup_cosine")
 def warmup_cosine(
-    learning_rate: float, total_steps: int, warmup_steps: int = 0, end_value: float = 0.0
+  learning_rate: float, total_steps: int, warmup_steps: int = 0, end_value: float = 0.0
 ):
   """Linear warm-up from 0 over `warmup_steps`, then cosine decay to `end_value`."""
   if warmup_steps >= total_steps:
     raise ValueError(f"schedule.warmup_steps={warmup_steps} must be < total steps {total_steps}")
-  return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, total_steps, end_value)
+  return optax.warmup_cosine_decay_schedule(
+    0.0, learning_rate, warmup_steps, total_steps, end_value
+  )
 
 
 @registry.schedules.register("piecewise")
 def piecewise(
-    learning_rate: float,
-    total_steps: int,
-    boundaries: tuple[int, ...] = (),
-    scales: tuple[float, ...] = (),
+  learning_rate: float,
+  total_steps: int,
+  boundaries: tuple[int, ...] = (),
+  scales: tuple[float, ...] = (),
 ):
   """Multiply the rate by scales[i] at step boundaries[i] (steps, ascending)."""
   del total_steps
   if len(boundaries) != len(scales):
     raise ValueError(
-        f"schedule.boundaries ({len(boundaries)}) and schedule.scales ({len(scales)}) "
-        "must have the same length"
+      f"schedule.boundaries ({len(boundaries)}) and schedule.scales ({len(scales)}) "
+      "must have the same length"
     )
-  return optax.piecewise_constant_schedule(learning_rate, dict(zip(boundaries, scales)))
+  return optax.piecewise_constant_schedule(
+    learning_rate, dict(zip(boundaries, scales, strict=True))
+  )
 
 
 @registry.schedules.register("one_cycle")
 def one_cycle(
-    learning_rate: float,
-    total_steps: int,
-    pct_start: float = 0.3,
-    div_factor: float = 25.0,
-    final_div_factor: float = 1e4,
+  learning_rate: float,
+  total_steps: int,
+  pct_start: float = 0.3,
+  div_factor: float = 25.0,
+  final_div_factor: float = 1e4,
 ):
   """Smith's one-cycle policy: cosine up to `learning_rate`, then cosine down."""
   return optax.cosine_onecycle_schedule(
-      total_steps, learning_rate, pct_start, div_factor, final_div_factor
+    total_steps, learning_rate, pct_start, div_factor, final_div_factor
   )
 
 
@@ -112,7 +116,7 @@ def sgd(schedule, weight_decay: float):
 @registry.optimizers.register("momentum")
 def momentum(schedule, weight_decay: float, momentum: float = 0.9, nesterov: bool = False):
   return optax.chain(
-      _coupled_decay(weight_decay), optax.sgd(schedule, momentum=momentum, nesterov=nesterov)
+    _coupled_decay(weight_decay), optax.sgd(schedule, momentum=momentum, nesterov=nesterov)
   )
 
 
@@ -141,9 +145,11 @@ def make_schedule(schedule_config, learning_rate: float, total_steps: int):
 def make_optimizer(optimizer_config, schedule_config, total_steps: int):
   """Returns (optax transformation, learning-rate schedule)."""
   schedule = make_schedule(schedule_config, optimizer_config.learning_rate, total_steps)
-  kwargs = {k: optimizer_config[k] for k in factory_keys(optimizer_config.name) if k in optimizer_config}
+  kwargs = {
+    k: optimizer_config[k] for k in factory_keys(optimizer_config.name) if k in optimizer_config
+  }
   tx = registry.optimizers.get(optimizer_config.name)(
-      schedule, optimizer_config.weight_decay, **kwargs
+    schedule, optimizer_config.weight_decay, **kwargs
   )
   if optimizer_config.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(optimizer_config.grad_clip_norm), tx)

@@ -21,20 +21,18 @@ BATCH_AXES = ("data", "fsdp")
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
   """Axis sizes with a -1 filled in so that their product is num_devices."""
   sizes = [mesh_config[axis] for axis in MESH_AXES]
+  named = lambda: dict(zip(MESH_AXES, sizes, strict=True))
   if sizes.count(-1) > 1:
-    raise ConfigError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    raise ConfigError(f"config.mesh: at most one axis may be -1, got {named()}")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
       raise ConfigError(
-          f"config.mesh={dict(zip(MESH_AXES, sizes))}: fixed axes ({known}) do not divide "
-          f"{num_devices} devices"
+        f"config.mesh={named()}: fixed axes ({known}) do not divide {num_devices} devices"
       )
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ConfigError(
-        f"config.mesh={dict(zip(MESH_AXES, sizes))}: product {math.prod(sizes)} != {num_devices} devices"
-    )
+    raise ConfigError(f"config.mesh={named()}: product {math.prod(sizes)} != {num_devices} devices")
   return tuple(sizes)
 
 
@@ -56,9 +54,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+def global_batch(
+  local_batch: dict[str, np.ndarray], sharding: NamedSharding
+) -> dict[str, jax.Array]:
   """Assembles each process's rows into global arrays sharded over the batch axes."""
   return {
-      key: jax.make_array_from_process_local_data(sharding, value)
-      for key, value in local_batch.items()
+    key: jax.make_array_from_process_local_data(sharding, value)
+    for key, value in local_batch.items()
   }

@@ -10,7 +10,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class UnknownNameError(ValueError):
@@ -51,7 +52,7 @@ class Registry:
       close = difflib.get_close_matches(name, self._entries, n=1)
       hint = f" (did you mean {close[0]!r}?)" if close else ""
       raise UnknownNameError(
-          f"unknown {self.kind} {name!r}{hint}; valid: {', '.join(self.names())}"
+        f"unknown {self.kind} {name!r}{hint}; valid: {', '.join(self.names())}"
       )
     return self._entries[name]
 
@@ -62,9 +63,7 @@ class Registry:
     for internal in ("parent", "name", "self"):
       params.pop(internal, None)
     return {
-        key: p
-        for key, p in params.items()
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+      key: p for key, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
     }
 
 

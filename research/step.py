@@ -5,7 +5,8 @@ Shapes: B batch, H height, W width, C channels, K classes.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -38,13 +39,13 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, params_key, i
 
 
 def make_train_step(
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    loss_fn: Callable,
-    schedule: Callable,
-    dropout_key: jax.Array,
-    l1_penalty: float = 0.0,
-    l2_penalty: float = 0.0,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  loss_fn: Callable,
+  schedule: Callable,
+  dropout_key: jax.Array,
+  l1_penalty: float = 0.0,
+  l2_penalty: float = 0.0,
 ):
   """train_step(state, batch) -> (state, metrics); randomness is a function of state.step."""
 
@@ -54,23 +55,23 @@ def make_train_step(
 
     def objective(params):
       logits_BxK = model.apply(
-          {"params": params}, images_BxHxWxC, train=True, rngs={"dropout": dropout_rng}
+        {"params": params}, images_BxHxWxC, train=True, rngs={"dropout": dropout_rng}
       )
       data_loss = jnp.mean(loss_fn(logits_BxK, batch["label"]))
       total = data_loss + optim.penalty(params, l1_penalty, l2_penalty)
       return total, (data_loss, logits_BxK)
 
     (total, (data_loss, logits_BxK)), grads = jax.value_and_grad(objective, has_aux=True)(
-        state.params
+      state.params
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
-        "loss": data_loss,
-        "total_loss": total,
-        "accuracy": jnp.mean(jnp.argmax(logits_BxK, -1) == batch["label"]),
-        "grad_norm": optax.global_norm(grads),
-        "learning_rate": schedule(state.step),
+      "loss": data_loss,
+      "total_loss": total,
+      "accuracy": jnp.mean(jnp.argmax(logits_BxK, -1) == batch["label"]),
+      "grad_norm": optax.global_norm(grads),
+      "learning_rate": schedule(state.step),
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -85,9 +86,9 @@ def make_eval_step(model: nn.Module, loss_fn: Callable):
     mask_B = batch["mask"].astype(jnp.float32)
     correct_B = (jnp.argmax(logits_BxK, -1) == batch["label"]).astype(jnp.float32)
     return {
-        "loss_sum": jnp.sum(loss_fn(logits_BxK, batch["label"]) * mask_B),
-        "correct": jnp.sum(correct_B * mask_B),
-        "count": jnp.sum(mask_B),
+      "loss_sum": jnp.sum(loss_fn(logits_BxK, batch["label"]) * mask_B),
+      "correct": jnp.sum(correct_B * mask_B),
+      "count": jnp.sum(mask_B),
     }
 
   return eval_step

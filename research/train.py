@@ -27,7 +27,7 @@ from research import registry
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, path.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
-    "allow_config_change", False, "Resume a workdir whose saved config differs from this one."
+  "allow_config_change", False, "Resume a workdir whose saved config differs from this one."
 )
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for bad input.")
 
@@ -49,11 +49,11 @@ def derived_values(config, num_train_examples: int) -> dict:
   else:
     total_steps = math.ceil(config.num_epochs * steps_per_epoch)
   return {
-      "global_batch_size": config.global_batch_size,
-      "num_train_examples": num_train_examples,
-      "steps_per_epoch": steps_per_epoch,
-      "total_steps": total_steps,
-      "epochs": total_steps / steps_per_epoch,
+    "global_batch_size": config.global_batch_size,
+    "num_train_examples": num_train_examples,
+    "steps_per_epoch": steps_per_epoch,
+    "total_steps": total_steps,
+    "epochs": total_steps / steps_per_epoch,
   }
 
 
@@ -73,8 +73,8 @@ def prepare_workdir(workdir: Path, config, allow_config_change: bool) -> None:
     differ = config_lib.diff(saved, current, ignore=("data.raw_dir", "data.data_dir"))
     if differ:
       raise config_lib.ConfigError(
-          f"--workdir={workdir} holds a run with another config ({'; '.join(differ)}); "
-          "use a new --workdir, or --allow_config_change to resume it anyway"
+        f"--workdir={workdir} holds a run with another config ({'; '.join(differ)}); "
+        "use a new --workdir, or --allow_config_change to resume it anyway"
       )
 
 
@@ -91,7 +91,10 @@ def evaluate(eval_step, params, arrays, eval_batch_size, sharding, process_index
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   totals = {k: float(v) for k, v in jax.device_get(totals).items()}
   assert totals["count"] == len(arrays["label"]), (totals["count"], len(arrays["label"]))
-  return {"loss": totals["loss_sum"] / totals["count"], "accuracy": totals["correct"] / totals["count"]}
+  return {
+    "loss": totals["loss_sum"] / totals["count"],
+    "accuracy": totals["correct"] / totals["count"],
+  }
 
 
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
@@ -115,8 +118,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   for key in ("global_batch_size", "eval_batch_size"):
     if config[key] % dp or config[key] % process_count:
       raise config_lib.ConfigError(
-          f"config.{key}={config[key]}: must be divisible by the data-parallel size {dp} "
-          f"and the process count {process_count}"
+        f"config.{key}={config[key]}: must be divisible by the data-parallel size {dp} "
+        f"and the process count {process_count}"
       )
   if process_index == 0:
     prepare_workdir(workdir, config, allow_config_change)
@@ -129,7 +132,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
 
   model_kwargs = {k: v for k, v in config.model.items() if k != "name"}
   model = registry.models.get(config.model.name)(
-      **model_kwargs, num_classes=dataset.num_classes, dtype=config.dtype
+    **model_kwargs, num_classes=dataset.num_classes, dtype=config.dtype
   )
   loss_kwargs = {k: v for k, v in config.loss.items() if k != "name"}
   loss_fn = registry.losses.get(config.loss.name)(**loss_kwargs)
@@ -145,7 +148,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   logging.info("derived: %s", json.dumps(derived))
   if process_index == 0:
     (workdir / "config.json").write_text(
-        config_lib.to_json(config, derived=derived, versions=versions())
+      config_lib.to_json(config, derived=derived, versions=versions())
     )
 
   state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), state_shape)
@@ -162,25 +165,35 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     logging.info("resumed from checkpoint at step %d", start_step)
 
   train_step = jax.jit(
-      step_lib.make_train_step(
-          model, tx, loss_fn, schedule, rng_for(config.seed, "dropout"),
-          config.optimizer.l1_penalty, config.optimizer.l2_penalty,
-      ),
-      in_shardings=(state_sharding, batch_sharding),
-      out_shardings=(state_sharding, replicated),
-      donate_argnums=(0,),
+    step_lib.make_train_step(
+      model,
+      tx,
+      loss_fn,
+      schedule,
+      rng_for(config.seed, "dropout"),
+      config.optimizer.l1_penalty,
+      config.optimizer.l2_penalty,
+    ),
+    in_shardings=(state_sharding, batch_sharding),
+    out_shardings=(state_sharding, replicated),
+    donate_argnums=(0,),
   )
   eval_step = jax.jit(
-      step_lib.make_eval_step(model, loss_fn),
-      in_shardings=(state_sharding.params, batch_sharding),
-      out_shardings=replicated,
+    step_lib.make_eval_step(model, loss_fn),
+    in_shardings=(state_sharding.params, batch_sharding),
+    out_shardings=replicated,
   )
   run_eval = lambda params: evaluate(  # noqa: E731
-      eval_step, params, dataset.eval, config.eval_batch_size, batch_sharding,
-      process_index, process_count,
+    eval_step,
+    params,
+    dataset.eval,
+    config.eval_batch_size,
+    batch_sharding,
+    process_index,
+    process_count,
   )
   train_loader = loader.StepLoader(
-      dataset.train, config.global_batch_size, config.seed, process_index, process_count
+    dataset.train, config.global_batch_size, config.seed, process_index, process_count
   )
   writer = metrics_lib.MetricWriter(workdir, enabled=process_index == 0)
   metadata = {"config": config.to_dict(), "versions": versions()}
@@ -215,8 +228,10 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   writer.write(total_steps, config.data.eval_split, final)
   if process_index == 0:
     logging.info(
-        "final %s metrics at step %d: %s", config.data.eval_split, total_steps,
-        ", ".join(f"{k}={v:.4f}" for k, v in final.items()),
+      "final %s metrics at step %d: %s",
+      config.data.eval_split,
+      total_steps,
+      ", ".join(f"{k}={v:.4f}" for k, v in final.items()),
     )
   ckpt.close()
   writer.close()
@@ -229,7 +244,9 @@ class _QuietLibraries(logging_std.Filter):
   NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/", "/etils/")
 
   def filter(self, record):
-    return record.levelno >= logging_std.WARNING or not any(n in record.pathname for n in self.NOISY)
+    return record.levelno >= logging_std.WARNING or not any(
+      n in record.pathname for n in self.NOISY
+    )
 
 
 def main(argv):

@@ -6,8 +6,17 @@ import importlib.metadata
 import platform
 
 PACKAGES = (
-    "research", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ml-collections",
-    "numpy", "tensorflow-datasets", "tensorflow-cpu", "tensorflow",
+  "research",
+  "jax",
+  "jaxlib",
+  "flax",
+  "optax",
+  "orbax-checkpoint",
+  "ml-collections",
+  "numpy",
+  "tensorflow-datasets",
+  "tensorflow-cpu",
+  "tensorflow",
 )
 
 

@@ -9,8 +9,7 @@ contiguous slice of B/P rows.
 
 from __future__ import annotations
 
-import functools
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -18,7 +17,7 @@ import numpy as np
 def process_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
   if global_batch_size % process_count:
     raise ValueError(
-        f"global batch {global_batch_size} is not divisible by {process_count} processes"
+      f"global batch {global_batch_size} is not divisible by {process_count} processes"
     )
   per_process = global_batch_size // process_count
   return slice(process_index * per_process, (process_index + 1) * per_process)
@@ -28,23 +27,27 @@ class StepLoader:
   """Training batches for any step, in any order, on any number of processes."""
 
   def __init__(
-      self,
-      arrays: dict[str, np.ndarray],
-      global_batch_size: int,
-      seed: int,
-      process_index: int = 0,
-      process_count: int = 1,
+    self,
+    arrays: dict[str, np.ndarray],
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
   ):
     self.arrays = arrays
     self.num_examples = len(next(iter(arrays.values())))
     self.global_batch_size = global_batch_size
     self.seed = seed
     self._rows = process_slice(global_batch_size, process_index, process_count)
+    self._permutations: dict[int, np.ndarray] = {}  # the epochs in use (at most two)
 
-  @functools.lru_cache(maxsize=2)
   def epoch_permutation(self, epoch: int) -> np.ndarray:
-    rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch]))
-    return rng.permutation(self.num_examples)
+    if epoch not in self._permutations:
+      rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch]))
+      if len(self._permutations) >= 2:
+        self._permutations.pop(min(self._permutations))
+      self._permutations[epoch] = rng.permutation(self.num_examples)
+    return self._permutations[epoch]
 
   def global_indices(self, step: int) -> np.ndarray:
     """Example indices of the whole global batch of `step`."""
@@ -63,10 +66,10 @@ class StepLoader:
 
 
 def eval_batches(
-    arrays: dict[str, np.ndarray],
-    global_batch_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
+  arrays: dict[str, np.ndarray],
+  global_batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Every example exactly once, in order; the last batch is padded and `mask` marks real rows."""
   num_examples = len(next(iter(arrays.values())))

@@ -61,12 +61,12 @@ def verify_raw_files(builder, raw_dir: str) -> None:
     path = Path(raw_dir) / info.filename
     if not path.is_file():
       raise DataError(
-          f"missing raw file {path} for {builder.name} (expected sha256 {info.checksum}, from {url})"
+        f"missing raw file {path} for {builder.name} (expected sha256 {info.checksum}, from {url})"
       )
     actual = sha256(path)
     if actual != info.checksum:
       raise DataError(
-          f"checksum mismatch for {path}: got sha256 {actual}, expected sha256 {info.checksum}"
+        f"checksum mismatch for {path}: got sha256 {actual}, expected sha256 {info.checksum}"
       )
 
 
@@ -89,7 +89,7 @@ def load_arrays(builder, split: str) -> dict[str, np.ndarray]:
   tfds = _import_tfds()
   if split not in builder.info.splits:
     raise DataError(
-        f"unknown split {split!r} for {builder.name}; valid: {', '.join(sorted(builder.info.splits))}"
+      f"unknown split {split!r} for {builder.name}; valid: {', '.join(sorted(builder.info.splits))}"
     )
   arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
   return {"image": arrays["image"], "label": arrays["label"].astype(np.int32)}
@@ -99,9 +99,9 @@ def _image_classification(tfds_name: str):
   def load(data_config) -> ArrayDataset:
     builder = prepare(tfds_name, data_config.raw_dir, data_config.data_dir)
     return ArrayDataset(
-        train=load_arrays(builder, data_config.train_split),
-        eval=load_arrays(builder, data_config.eval_split),
-        num_classes=builder.info.features["label"].num_classes,
+      train=load_arrays(builder, data_config.train_split),
+      eval=load_arrays(builder, data_config.eval_split),
+      num_classes=builder.info.features["label"].num_classes,
     )
 
   load.__doc__ = f"TFDS {tfds_name!r}, held in memory as uint8 NHWC images and int32 labels."

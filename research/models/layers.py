@@ -14,12 +14,12 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 ACTIVATIONS = {
-    "relu": nn.relu,
-    "gelu": nn.gelu,
-    "tanh": jnp.tanh,
-    "sigmoid": nn.sigmoid,
-    "silu": nn.silu,
-    "elu": nn.elu,
+  "relu": nn.relu,
+  "gelu": nn.gelu,
+  "tanh": jnp.tanh,
+  "sigmoid": nn.sigmoid,
+  "silu": nn.silu,
+  "elu": nn.elu,
 }
 
 
@@ -32,12 +32,12 @@ def activation(name: str):
 def dense(features: int, axes: tuple[str, str], dtype, name: str | None = None) -> nn.Dense:
   """A Dense layer with kernel axes `axes` and bias axis `axes[1]`."""
   return nn.Dense(
-      features,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
-      name=name,
+    features,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
+    name=name,
   )
 
 
@@ -69,18 +69,18 @@ class Conv(nn.Module):
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     k, in_features = self.kernel_size, x_BxHxWxC.shape[-1]
     kernel = self.param(
-        "kernel",
-        nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")
-        ),
-        (k, k, in_features, self.features),
-        jnp.float32,
+      "kernel",
+      nn.with_logical_partitioning(
+        nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")
+      ),
+      (k, k, in_features, self.features),
+      jnp.float32,
     )
     bias = self.param(
-        "bias",
-        nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
-        (self.features,),
-        jnp.float32,
+      "bias",
+      nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+      (self.features,),
+      jnp.float32,
     )
     if self.padding == "SAME":
       low, high = (k - 1) // 2, k // 2

@@ -6,7 +6,7 @@ features, K classes.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from flax import linen as nn
 

@@ -1,0 +1,36 @@
+"""Shared fixtures: real MNIST prepared once per session by TFDS from ../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from research import config as config_lib
+
+
+@pytest.fixture(scope="session")
+def tfds_data_dir(tmp_path_factory) -> str:
+  """$TFDS_DATA_DIR when set (reuse prepared data), else a fresh directory for this session."""
+  return os.environ.get("TFDS_DATA_DIR") or str(tmp_path_factory.mktemp("tensorflow_datasets"))
+
+
+@pytest.fixture(scope="session")
+def mnist_raw_dir() -> str:
+  raw_dir = config_lib.raw_data_dir("mnist")
+  assert raw_dir and Path(raw_dir, "train-images-idx3-ubyte.gz").is_file(), (
+    "the real MNIST files are needed: set RESEARCH_RAW_DATA or put them in ../shared/data/mnist"
+  )
+  return raw_dir
+
+
+@pytest.fixture(scope="session")
+def mnist(tfds_data_dir, mnist_raw_dir):
+  """The real MNIST dataset, prepared offline through TFDS's own builder."""
+  from research import registry
+
+  data_config = config_lib.base().data
+  data_config.raw_dir = mnist_raw_dir
+  data_config.data_dir = tfds_data_dir
+  return registry.datasets.get("mnist")(data_config)

@@ -1,0 +1,122 @@
+"""Config files, validation and command-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from research import config as config_lib
+
+EXPERIMENTS = sorted(Path(config_lib.REPO_ROOT, "experiments").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_loads_and_validates(path):
+  config = config_lib.load_file(str(path))
+  config_lib.validate(config)
+
+
+def test_arg_selects_a_variant():
+  config = config_lib.load_file(f"{config_lib.REPO_ROOT}/experiments/mnist_cnn.py:epochs=1")
+  assert config.num_epochs == 1.0
+  with pytest.raises(config_lib.ConfigError, match="config arg epoch: unknown key; nearest"):
+    config_lib.load_file(f"{config_lib.REPO_ROOT}/experiments/mnist_cnn.py:epoch=1")
+
+
+def test_entry_fills_defaults_and_rejects_unknown_keys():
+  section = config_lib.entry("model", "mlp", widths=(64, 32))
+  assert section.widths == (64, 32) and section.activation == "relu" and section.dropout == 0.0
+  assert "num_classes" not in section and "dtype" not in section  # derived by the trainer
+  optimizer = config_lib.entry("optimizer", "adamw", learning_rate=0.01)
+  assert (
+    optimizer.learning_rate == 0.01 and optimizer.b2 == 0.999 and optimizer.grad_clip_norm == 0.0
+  )
+  with pytest.raises(config_lib.ConfigError, match="config arg|model.widht: unknown key"):
+    config_lib.entry("model", "mlp", widht=3)
+
+
+def _valid():
+  config = config_lib.base()
+  config.model = config_lib.entry("model", "mlp")
+  config.optimizer = config_lib.entry("optimizer", "adam", learning_rate=1e-3)
+  return config
+
+
+@pytest.mark.parametrize(
+  "mutate, message",
+  [
+    (lambda c: setattr(c, "lerning_rate", 0.1), "config.lerning_rate: unknown key"),
+    (lambda c: c.model.__setattr__("widht", 3), "nearest valid key: config.model.width"),
+    (
+      lambda c: c.optimizer.__setattr__("learnig_rate", 1.0),
+      "nearest valid key: config.optimizer.learning_rate",
+    ),
+    (lambda c: c.data.__setattr__("raw_dri", "x"), "nearest valid key: config.data.raw_dir"),
+    (lambda c: c.model.__setattr__("name", "resnet9000"), "valid: cnn, lenet5, mlp"),
+    (lambda c: c.optimizer.__setattr__("name", "adamm"), "did you mean 'adam'"),
+    (lambda c: c.schedule.__setattr__("name", "cosin"), "unknown schedule 'cosin'"),
+    (lambda c: c.data.__setattr__("name", "cifar11"), "unknown dataset 'cifar11'"),
+    (lambda c: c.model.__setattr__("widths", "wide"), "config.model.widths: wrong type str"),
+    (lambda c: c.optimizer.__setattr__("learning_rate", -0.1), "learning_rate=-0.1: must be > 0"),
+    (lambda c: c.model.__setattr__("dropout", 1.5), "config.model.dropout=1.5: must be in"),
+    (lambda c: setattr(c, "eval_batch_size", 0), "config.eval_batch_size=0: must be > 0"),
+    (lambda c: setattr(c, "dtype", "float16"), "valid: float32, bfloat16"),
+  ],
+)
+def test_validate_names_the_bad_key(mutate, message):
+  config = _valid()
+  config_lib.validate(config)
+  mutate(config)
+  with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace("'", ".")):
+    config_lib.validate(config)
+
+
+def _train_cli(tmp_path, *args):
+  workdir = tmp_path / "workdir"
+  result = subprocess.run(
+    [sys.executable, "-m", "research.train", f"--workdir={workdir}", *args],
+    capture_output=True,
+    text=True,
+    cwd=config_lib.REPO_ROOT,
+    timeout=300,
+  )
+  return result, workdir
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (
+      ["--config=experiments/mnist_softmax.py", "--config.optimizer.learnin_rate=0.1"],
+      "config.optimizer.learnin_rate: unknown key; "
+      "nearest valid key: config.optimizer.learning_rate",
+    ),
+    (
+      ["--config=experiments/mnist_softmax.py", "--config.global_batch_size=abc"],
+      "config.global_batch_size: wrong type for value 'abc': expected int",
+    ),
+    (
+      ["--config=experiments/mnist_softmax.py", "--config.model.name=resnet9000"],
+      "config.model.name: unknown model 'resnet9000'",
+    ),
+    (
+      ["--config=experiments/mnist_softmax.py", "--config.optimizer.learning_rate=-1"],
+      "config.optimizer.learning_rate=-1.0: must be > 0",
+    ),
+    (["--config=experiments/nope.py"], "config file 'experiments/nope.py' not found; available:"),
+    (
+      ["--config=experiments/mnist_softmax.py", "--wrokdir=x"],
+      "Unknown command line flag 'wrokdir'",
+    ),
+  ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+  result, workdir = _train_cli(tmp_path, *args)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert message in lines[-1], lines[-5:]
+  assert "Traceback" not in result.stderr
+  assert not workdir.exists()  # nothing written for bad input

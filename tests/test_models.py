@@ -1,0 +1,77 @@
+"""Every registered model: init/apply shapes, logical axis names, dropout, the im2col conv."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from research import config as config_lib
+from research import registry
+from research.models import layers
+
+MODELS = registry.models.names()
+
+
+def test_registry_has_the_issue_models():
+  assert {"softmax_regression", "mlp", "lenet5", "cnn"} <= set(MODELS)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_init_apply_shapes(name, dtype):
+  kwargs = {k: v for k, v in config_lib.entry("model", name).items() if k != "name"}
+  model = registry.models.get(name)(**kwargs, num_classes=7, dtype=dtype)
+  x_BxHxWxC = jnp.ones((3, 28, 28, 1))
+  variables = model.init(jax.random.key(0), x_BxHxWxC, train=False)
+  # Every parameter carries logical axis names for the sharding rules.
+  boxed = jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert boxed and all(isinstance(p, nn.LogicallyPartitioned) for p in boxed)
+  params = nn.meta.unbox(variables)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))  # fp32 parameters
+  logits = model.apply(params, x_BxHxWxC, train=True, rngs={"dropout": jax.random.key(1)})
+  assert logits.shape == (3, 7)
+  assert logits.dtype == jnp.dtype(dtype)
+
+
+def test_dropout_is_active_only_in_training():
+  model = registry.models.get("cnn")(num_classes=10)
+  x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))
+  params = nn.meta.unbox(model.init(jax.random.key(0), x, train=False))
+  eval_a = model.apply(params, x, train=False)
+  eval_b = model.apply(params, x, train=False)
+  train_a = model.apply(params, x, train=True, rngs={"dropout": jax.random.key(1)})
+  train_b = model.apply(params, x, train=True, rngs={"dropout": jax.random.key(2)})
+  np.testing.assert_array_equal(eval_a, eval_b)
+  assert not np.allclose(train_a, train_b)
+
+
+def test_param_counts_match_the_architectures():
+  def count(name, **kwargs):
+    model = registry.models.get(name)(**kwargs)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((1, 28, 28, 1))))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(variables)))
+
+  assert count("softmax_regression") == 784 * 10 + 10
+  assert count("mlp", widths=(128,)) == 784 * 128 + 128 + 128 * 10 + 10
+  # Keras example: 320 + 18,496 + 1,179,776 + 1,290 = 1,199,882.
+  assert count("cnn") == 1_199_882
+  # LeNet-5 with a 10-way linear head: 156 + 2,416 + 48,120 + 10,164 + 850.
+  assert count("lenet5") == 61_706
+
+
+@pytest.mark.parametrize("padding", ["VALID", "SAME"])
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+def test_im2col_conv_equals_lax_conv(padding, kernel_size):
+  conv = layers.conv(6, kernel_size, padding, "float32")
+  x = jax.random.normal(jax.random.key(0), (2, 9, 11, 3))
+  params = nn.meta.unbox(conv.init(jax.random.key(1), x))
+  reference = (
+    jax.lax.conv_general_dilated(
+      x, params["params"]["kernel"], (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    + params["params"]["bias"]
+  )
+  np.testing.assert_allclose(conv.apply(params, x), reference, atol=1e-5)
