@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_collections
 import pytest
 
 from research import config as config_lib
@@ -59,7 +60,10 @@ def _valid():
     (lambda c: c.optimizer.__setattr__("name", "adamm"), "did you mean 'adam'"),
     (lambda c: c.schedule.__setattr__("name", "cosin"), "unknown schedule 'cosin'"),
     (lambda c: c.data.__setattr__("name", "cifar11"), "unknown dataset 'cifar11'"),
-    (lambda c: c.model.__setattr__("widths", "wide"), "config.model.widths: wrong type str"),
+    (
+      lambda c: setattr(c, "model", ml_collections.ConfigDict(dict(name="mlp", widths="wide"))),
+      "config.model.widths: wrong type str",
+    ),
     (lambda c: c.optimizer.__setattr__("learning_rate", -0.1), "learning_rate=-0.1: must be > 0"),
     (lambda c: c.model.__setattr__("dropout", 1.5), "config.model.dropout=1.5: must be in"),
     (lambda c: setattr(c, "eval_batch_size", 0), "config.eval_batch_size=0: must be > 0"),
