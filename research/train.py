@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging as logging_std
 import math
+import os
 import sys
 import time
 import zlib
@@ -57,15 +58,18 @@ def derived_values(config, num_train_examples: int) -> dict:
   }
 
 
-def prepare_workdir(workdir: Path, config, allow_config_change: bool) -> None:
-  """Creates the workdir; refuses to mix this run into one made with another config."""
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / ".write_test"
-    probe.write_text("")
-    probe.unlink()
-  except OSError as e:
-    raise config_lib.ConfigError(f"--workdir={workdir}: not writable ({e.strerror})") from None
+def check_workdir(workdir: Path, config, allow_config_change: bool) -> None:
+  """Fails before any work if the workdir is unwritable or holds a run with another config.
+
+  Creates nothing: a run that stops on bad input leaves no trace.
+  """
+  existing = workdir
+  while not existing.exists() and existing != existing.parent:
+    existing = existing.parent
+  if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    raise config_lib.ConfigError(
+      f"--workdir={workdir}: not writable ({existing} is not a writable directory)"
+    )
   saved_path = workdir / "config.json"
   if saved_path.exists() and not allow_config_change:
     saved = json.loads(saved_path.read_text())["config"]
@@ -122,7 +126,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         f"and the process count {process_count}"
       )
   if process_index == 0:
-    prepare_workdir(workdir, config, allow_config_change)
+    check_workdir(workdir, config, allow_config_change)
 
   t0 = time.perf_counter()
   dataset = registry.datasets.get(config.data.name)(config.data)
@@ -147,6 +151,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   logging.info("config:\n%s", config)
   logging.info("derived: %s", json.dumps(derived))
   if process_index == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(
       config_lib.to_json(config, derived=derived, versions=versions())
     )

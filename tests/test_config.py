@@ -124,3 +124,33 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
   assert message in lines[-1], lines[-5:]
   assert "Traceback" not in result.stderr
   assert not workdir.exists()  # nothing written for bad input
+
+
+def test_cli_missing_data_is_one_line_and_leaves_no_workdir(tmp_path):
+  empty = tmp_path / "empty_raw"
+  empty.mkdir()
+  result, workdir = _train_cli(
+    tmp_path,
+    "--config=experiments/mnist_softmax.py",
+    f"--config.data.raw_dir={empty}",
+    f"--config.data.data_dir={tmp_path / 'tfds'}",
+  )
+  assert result.returncode == 2, result.stderr[-2000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: missing raw file") and "expected sha256" in last
+  assert "Traceback" not in result.stderr
+  assert not workdir.exists()
+
+
+def test_cli_unwritable_workdir(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  result = subprocess.run(
+    [
+      sys.executable, "-m", "research.train", "--config=experiments/mnist_softmax.py",
+      f"--workdir={blocker / 'run'}",
+    ],
+    capture_output=True, text=True, cwd=config_lib.REPO_ROOT, timeout=300,
+  )  # fmt: skip
+  assert result.returncode == 2
+  assert "not writable" in result.stderr.strip().splitlines()[-1]
