@@ -18,6 +18,23 @@ def test_mnist_is_prepared_by_tfds_from_the_original_files(mnist):
   assert np.bincount(mnist.eval["label"]).tolist()[:3] == [980, 1135, 1032]  # the real test set
 
 
+def test_mnist_and_fashion_mnist_prepared_side_by_side_stay_apart(mnist, tfds_data_dir):
+  """Both ship files with the same names; TFDS must not mix them up in one data_dir."""
+  from research import config as config_lib
+  from research import registry
+
+  data_config = config_lib.base().data
+  data_config.raw_dir = config_lib.raw_data_dir("fashion-mnist")
+  data_config.data_dir = tfds_data_dir
+  fashion = registry.datasets.get("fashion_mnist")(data_config)
+  # Fashion-MNIST is balanced: 6,000 train and 1,000 test images per class.
+  assert np.bincount(fashion.train["label"]).tolist() == [6000] * 10
+  assert np.bincount(fashion.eval["label"]).tolist() == [1000] * 10
+  assert np.bincount(mnist.train["label"]).tolist()[:2] == [5923, 6742]
+  # And the images are not MNIST's: mean pixel 72.9 (Fashion) vs 33.3 (MNIST) on train.
+  assert 70 < fashion.train["image"].mean() < 76 and 31 < mnist.train["image"].mean() < 35
+
+
 def _raw_copy(mnist_raw_dir, tmp_path):
   raw = tmp_path / "raw"
   raw.mkdir()

@@ -81,7 +81,15 @@ def prepare(tfds_name: str, raw_dir: str = "", data_dir: str = ""):
     download_config = tfds.download.DownloadConfig(manual_dir=raw_dir)
   else:
     download_config = tfds.download.DownloadConfig()
-  builder.download_and_prepare(download_config=download_config)
+  # TFDS names the files it extracts from manual_dir after the file alone, in a
+  # `downloads/extracted` folder shared by all datasets: MNIST's and
+  # Fashion-MNIST's identically named files would overwrite each other. A
+  # download folder per dataset keeps them apart.
+  data_root = Path(builder.data_dir)
+  for _ in builder.info.full_name.split("/"):
+    data_root = data_root.parent
+  download_dir = data_root / "downloads" / builder.info.full_name.replace("/", "_")
+  builder.download_and_prepare(download_dir=download_dir, download_config=download_config)
   return builder
 
 
