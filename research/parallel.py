@@ -1,8 +1,8 @@
 """The device mesh from the config, and the shardings of batches and state.
 
-Axes are (data, fsdp, model). The batch is split over data x fsdp; for now the
-train state is replicated (parameter sharding rules come with the logical axis
-names that every model parameter already carries).
+Axes are (data, fsdp, model). The batch is split over the mesh axes of the
+`batch` sharding rule (data x fsdp by default); the train state is sharded by
+the logical axis rules (research.sharding).
 """
 
 from __future__ import annotations
@@ -42,12 +42,12 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-  return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+def data_parallel_size(mesh: Mesh, batch_axes=BATCH_AXES) -> int:
+  return math.prod(mesh.shape[axis] for axis in batch_axes)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+def batch_sharding(mesh: Mesh, batch_axes=BATCH_AXES) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec(tuple(batch_axes) or None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

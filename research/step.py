@@ -31,10 +31,13 @@ def images_to_float(images_BxHxWxC: jax.Array) -> jax.Array:
   return images_BxHxWxC.astype(jnp.float32) / 255.0
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, params_key, image_shape):
+def init_state(
+  model: nn.Module, tx: optax.GradientTransformation, params_key, image_shape, boxed=False
+):
+  """A fresh TrainState; `boxed=True` keeps the logical axis names (for jax.eval_shape)."""
   dummy_1xHxWxC = jnp.zeros((1, *image_shape), jnp.float32)
   variables = model.init({"params": params_key}, dummy_1xHxWxC, train=False)
-  params = nn.meta.unbox(variables["params"])
+  params = variables["params"] if boxed else nn.meta.unbox(variables["params"])
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 

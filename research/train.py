@@ -10,6 +10,7 @@ checkpoint. Bad input exits with code 2 and one line naming what is wrong.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging as logging_std
 import math
@@ -110,7 +111,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   import jax.numpy as jnp
   import numpy as np
 
-  from research import checkpoint, optim, parallel
+  from research import checkpoint, optim, parallel, sharding
   from research import metrics as metrics_lib
   from research import step as step_lib
   from research.data import loader
@@ -118,7 +119,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
 
   process_index, process_count = jax.process_index(), jax.process_count()
   mesh = parallel.make_mesh(config.mesh)
-  dp = parallel.data_parallel_size(mesh)
+  batch_axes = tuple(config.sharding_rules.batch)
+  dp = parallel.data_parallel_size(mesh, batch_axes)
   for key in ("global_batch_size", "eval_batch_size"):
     if config[key] % dp or config[key] % process_count:
       raise config_lib.ConfigError(
@@ -143,21 +145,29 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   tx, schedule = optim.make_optimizer(config.optimizer, config.schedule, total_steps)
 
   image_shape = dataset.train["image"].shape[1:]
-  init = lambda: step_lib.init_state(model, tx, rng_for(config.seed, "params"), image_shape)  # noqa: E731
-  state_shape = jax.eval_shape(init)
+  init = functools.partial(
+    step_lib.init_state, model, tx, rng_for(config.seed, "params"), image_shape
+  )
+  state_shape, state_sharding, sharding_rows = sharding.state_shardings(
+    jax.eval_shape(functools.partial(init, boxed=True)), mesh, config.sharding_rules
+  )
+  sharding_table = sharding.table(sharding_rows)
   derived["num_params"] = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state_shape.params)))
   derived["mesh"] = dict(mesh.shape)
   derived["num_devices"] = jax.device_count()
   logging.info("config:\n%s", config)
   logging.info("derived: %s", json.dumps(derived))
+  logging.info("sharding over mesh %s:\n%s", dict(mesh.shape), sharding_table)
   if process_index == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(
       config_lib.to_json(config, derived=derived, versions=versions())
     )
+    (workdir / "sharding.md").write_text(
+      f"# Sharding over mesh {dict(mesh.shape)}\n\n{sharding_table}\n"
+    )
 
-  state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), state_shape)
-  batch_sharding = parallel.batch_sharding(mesh)
+  batch_sharding = parallel.batch_sharding(mesh, batch_axes)
   replicated = parallel.replicated(mesh)
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", config.max_to_keep)
   start_step = ckpt.latest_step()

@@ -6,7 +6,6 @@ import importlib.metadata
 import platform
 
 PACKAGES = (
-  "research",
   "jax",
   "jaxlib",
   "flax",
@@ -21,7 +20,9 @@ PACKAGES = (
 
 
 def versions() -> dict[str, str]:
-  found = {"python": platform.python_version()}
+  import research
+
+  found = {"python": platform.python_version(), "research": research.__version__}
   for package in PACKAGES:
     try:
       found[package] = importlib.metadata.version(package)

@@ -34,8 +34,8 @@ class LeNet5(nn.Module):
     x_Bx5x5x16 = nn.avg_pool(x_Bx10x10x16, (2, 2), (2, 2))
     x_BxF = layers.flatten(x_Bx5x5x16)
     x_BxF = act(layers.dense(120, ("embed", "mlp"), self.dtype, "fc1")(x_BxF))
-    x_BxF = act(layers.dense(84, ("mlp", "mlp"), self.dtype, "fc2")(x_BxF))
-    return layers.dense(self.num_classes, ("mlp", "classes"), self.dtype, "head")(x_BxF)
+    x_BxF = act(layers.dense(84, ("mlp", "embed"), self.dtype, "fc2")(x_BxF))
+    return layers.dense(self.num_classes, ("embed", "classes"), self.dtype, "head")(x_BxF)
 
 
 @registry.models.register("cnn")

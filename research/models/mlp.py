@@ -43,8 +43,10 @@ class MLP(nn.Module):
     act = layers.activation(self.activation)
     x_BxF = layers.flatten(x_BxHxWxC).astype(layers.compute_dtype(self.dtype))
     for i, width in enumerate(self.widths):
-      axes = ("embed", "mlp") if i == 0 else ("mlp", "mlp")
+      # Alternate (embed, mlp), (mlp, embed) as Megatron does: with mlp sharded over
+      # `model`, consecutive layers need no all-gather in between.
+      axes = ("embed", "mlp") if i % 2 == 0 else ("mlp", "embed")
       x_BxF = act(layers.dense(width, axes, self.dtype, f"hidden_{i}")(x_BxF))
       x_BxF = nn.Dropout(self.dropout, deterministic=not train)(x_BxF)
-    head_in = "mlp" if self.widths else "embed"
+    head_in = "mlp" if len(self.widths) % 2 else "embed"
     return layers.dense(self.num_classes, (head_in, "classes"), self.dtype, "head")(x_BxF)

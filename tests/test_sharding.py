@@ -1,0 +1,106 @@
+"""Logical axis rules: errors that name the parameter, and DP / FSDP / TP equal to one device."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+from jax.sharding import PartitionSpec
+
+from research import config as config_lib
+from research import sharding
+
+RULES = {k: tuple(v) for k, v in config_lib.base().sharding_rules.items()}
+MESH_2x2x2 = types.SimpleNamespace(shape={"data": 2, "fsdp": 2, "model": 2})  # only .shape is read
+
+
+def test_rules_map_logical_axes_to_mesh_axes():
+  spec = sharding.mesh_spec("params/fc1/kernel", (64, 32), ("embed", "mlp"), RULES, MESH_2x2x2)
+  assert spec == PartitionSpec("fsdp", "model")
+  conv = sharding.mesh_spec(
+    "params/conv1/kernel", (3, 3, 1, 32), (None, None, "conv_in", "conv_out"), RULES, MESH_2x2x2
+  )
+  assert conv == PartitionSpec(None, None, None, "fsdp")
+  both = sharding.mesh_spec("params/x", (8,), ("batch",), RULES, MESH_2x2x2)
+  assert both == PartitionSpec(("data", "fsdp"))
+
+
+def test_unknown_logical_name_names_the_parameter():
+  with pytest.raises(
+    config_lib.ConfigError, match="params/x/kernel: logical axis 'expert' has no rule"
+  ):
+    sharding.mesh_spec("params/x/kernel", (8, 8), ("expert", "mlp"), RULES, MESH_2x2x2)
+
+
+def test_indivisible_dimension_names_the_parameter():
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=r"params/head/kernel: dimension 0 \('embed', size 7\) is not divisible by 2",
+  ):
+    sharding.mesh_spec("params/head/kernel", (7, 10), ("embed", "classes"), RULES, MESH_2x2x2)
+
+
+def test_conflicting_rules_name_the_parameter():
+  rules = dict(RULES, embed=("model",))
+  with pytest.raises(
+    config_lib.ConfigError, match="params/fc/kernel: conflicting rules: mesh axis 'model'"
+  ):
+    sharding.mesh_spec("params/fc/kernel", (8, 8), ("embed", "mlp"), rules, MESH_2x2x2)
+
+
+def test_rules_with_unknown_mesh_axes_fail_validation():
+  config = config_lib.base()
+  config.sharding_rules.mlp = ("tensor",)
+  with pytest.raises(
+    config_lib.ConfigError, match="config.sharding_rules.mlp=.*must be a tuple of mesh axes"
+  ):
+    config_lib.validate(config)
+
+
+MESHES = {"dp": "8,1,1", "fsdp": "2,4,1", "tp": "4,1,2"}
+
+
+def _mesh_runs(tmp_path, devices, specs, tfds_data_dir, raw_dir):
+  out = tmp_path / f"losses_{devices}.json"
+  env = dict(
+    os.environ,
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    PYTHONPATH=str(config_lib.REPO_ROOT),
+  )
+  result = subprocess.run(
+    [sys.executable, "tests/helpers/mesh_runs.py", str(out), tfds_data_dir, raw_dir,
+     str(tmp_path / f"runs_{devices}"), *specs],
+    capture_output=True, text=True, cwd=config_lib.REPO_ROOT, env=env, timeout=900,
+  )  # fmt: skip
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(out.read_text())
+
+
+def test_dp_fsdp_tp_losses_equal_one_device(mnist, tfds_data_dir, mnist_raw_dir, tmp_path):
+  del mnist  # prepared by the session fixture
+  one = _mesh_runs(tmp_path, 1, ["mlp:1,1,1", "cnn:1,1,1"], tfds_data_dir, mnist_raw_dir)
+  specs = [f"{model}:{mesh}" for model in ("mlp", "cnn") for mesh in MESHES.values()]
+  eight = _mesh_runs(tmp_path, 8, specs, tfds_data_dir, mnist_raw_dir)
+  for model in ("mlp", "cnn"):
+    reference = one[f"{model}:1,1,1"]
+    assert len(reference) == 50
+    for name, mesh in MESHES.items():
+      losses = eight[f"{model}:{mesh}"]
+      if (model, name) == ("cnn", "tp"):
+        # Known gap (issue 3): the row-parallel head sums in another order; the
+        # ~1e-7 difference grows under Adam from step ~40 (3.3e-5 at step 49).
+        assert losses[:45] == pytest.approx(reference[:45], rel=1e-5), (model, name)
+        assert losses == pytest.approx(reference, rel=1e-4), (model, name)
+      else:
+        assert losses == pytest.approx(reference, rel=1e-5), (model, name)
+  table = (tmp_path / "runs_8" / "cnn_4_1_2" / "sharding.md").read_text()
+  assert (
+    "| conv2/kernel | (3, 3, 32, 64) | (-, -, conv_in, conv_out) "
+    "| (-, -, -, (fsdp, model)) | 36,864 |" in table
+  )
+  fsdp_table = (tmp_path / "runs_8" / "mlp_2_4_1" / "sharding.md").read_text()
+  assert "| hidden_0/kernel | (784, 128) | (embed, mlp) | (fsdp, model) | 100,352 |" in fsdp_table
