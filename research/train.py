@@ -33,6 +33,8 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
 )
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for bad input.")
 
+# Where a run executes, not what it computes: a workdir may resume with other values.
+DEPLOYMENT_KEYS = ("data.raw_dir", "data.data_dir", "mesh.data", "mesh.fsdp", "mesh.model")
 USAGE_ERRORS = (config_lib.ConfigError, registry.UnknownNameError)
 EXIT_USAGE = 2
 
@@ -75,7 +77,7 @@ def check_workdir(workdir: Path, config, allow_config_change: bool) -> None:
   if saved_path.exists() and not allow_config_change:
     saved = json.loads(saved_path.read_text())["config"]
     current = json.loads(config_lib.to_json(config))["config"]
-    differ = config_lib.diff(saved, current, ignore=("data.raw_dir", "data.data_dir"))
+    differ = config_lib.diff(saved, current, ignore=DEPLOYMENT_KEYS)
     if differ:
       raise config_lib.ConfigError(
         f"--workdir={workdir} holds a run with another config ({'; '.join(differ)}); "

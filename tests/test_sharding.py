@@ -64,7 +64,7 @@ def test_rules_with_unknown_mesh_axes_fail_validation():
 MESHES = {"dp": "8,1,1", "fsdp": "2,4,1", "tp": "4,1,2"}
 
 
-def _mesh_runs(tmp_path, devices, specs, tfds_data_dir, raw_dir):
+def _mesh_runs(tmp_path, devices, specs, tfds_data_dir, raw_dir, workroot="runs"):
   out = tmp_path / f"losses_{devices}.json"
   env = dict(
     os.environ,
@@ -73,7 +73,7 @@ def _mesh_runs(tmp_path, devices, specs, tfds_data_dir, raw_dir):
   )
   result = subprocess.run(
     [sys.executable, "tests/helpers/mesh_runs.py", str(out), tfds_data_dir, raw_dir,
-     str(tmp_path / f"runs_{devices}"), *specs],
+     str(tmp_path / workroot if workroot != "runs" else tmp_path / f"runs_{devices}"), *specs],
     capture_output=True, text=True, cwd=config_lib.REPO_ROOT, env=env, timeout=900,
   )  # fmt: skip
   assert result.returncode == 0, result.stderr[-3000:]
@@ -104,3 +104,16 @@ def test_dp_fsdp_tp_losses_equal_one_device(mnist, tfds_data_dir, mnist_raw_dir,
   )
   fsdp_table = (tmp_path / "runs_8" / "mlp_2_4_1" / "sharding.md").read_text()
   assert "| hidden_0/kernel | (784, 128) | (embed, mlp) | (fsdp, model) | 100,352 |" in fsdp_table
+
+
+def test_checkpoint_restores_across_meshes(mnist, tfds_data_dir, mnist_raw_dir, tmp_path):
+  """Saved on 1 device, resumed on 8 as data=4 x model=2, then back on 1: same losses."""
+  del mnist
+  args = (tfds_data_dir, mnist_raw_dir, "shared")
+  straight = _mesh_runs(tmp_path, 1, ["mlp:1,1,1:60:straight"], *args)["mlp:1,1,1:60:straight"]
+  _mesh_runs(tmp_path, 1, ["mlp:1,1,1:20:moved"], *args)
+  _mesh_runs(tmp_path, 8, ["mlp:4,1,2:40:moved"], *args)
+  moved = _mesh_runs(tmp_path, 1, ["mlp:1,1,1:60:moved"], *args)["mlp:1,1,1:60:moved"]
+  # metrics.jsonl holds every segment in order: steps 1-20, 21-40 (8 devices), 41-60.
+  assert len(moved) == 60
+  assert moved == pytest.approx(straight, rel=1e-5)

@@ -17,17 +17,19 @@ from research.metrics import read_jsonl
 EXPERIMENTS = {"mlp": "mnist_mlp.py", "cnn": "mnist_cnn.py"}
 
 
-def run(model: str, mesh: str, data_dir: str, raw_dir: str, workdir: Path) -> list[float]:
+def run(
+  model: str, mesh: str, data_dir: str, raw_dir: str, workdir: Path, steps: int = 50
+) -> list[float]:
   config = config_lib.load_file(f"{config_lib.REPO_ROOT}/experiments/{EXPERIMENTS[model]}")
   config.data.data_dir, config.data.raw_dir = data_dir, raw_dir
   config.data.eval_split = "test[:1000]"
   config.global_batch_size = 32
   config.eval_batch_size = 200
-  config.num_train_steps = 50
+  config.num_train_steps = steps
   config.log_every_steps = 1
   config.schedule = config_lib.entry("schedule", "constant")
   config.mesh.data, config.mesh.fsdp, config.mesh.model = (int(x) for x in mesh.split(","))
-  train.train_and_evaluate(config, str(workdir))
+  train.train_and_evaluate(config, str(workdir), allow_config_change=True)  # runs may continue
   return [
     r["metrics"]["loss"] for r in read_jsonl(workdir / "metrics.jsonl") if r["split"] == "train"
   ]
@@ -35,10 +37,11 @@ def run(model: str, mesh: str, data_dir: str, raw_dir: str, workdir: Path) -> li
 
 def main(out, data_dir, raw_dir, workroot, *specs):
   results = {}
-  for spec in specs:
-    model, mesh = spec.split(":")
-    workdir = Path(workroot) / f"{model}_{mesh.replace(',', '_')}"
-    results[spec] = run(model, mesh, data_dir, raw_dir, workdir)
+  for spec in specs:  # model:mesh[:steps[:workdir name]]
+    model, mesh, *rest = spec.split(":")
+    steps = int(rest[0]) if rest else 50
+    name = rest[1] if len(rest) > 1 else f"{model}_{mesh.replace(',', '_')}"
+    results[spec] = run(model, mesh, data_dir, raw_dir, Path(workroot) / name, steps)
   Path(out).write_text(json.dumps(results))
 
 
