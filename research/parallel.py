@@ -8,6 +8,7 @@ the logical axis rules (research.sharding).
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import numpy as np
@@ -62,3 +63,63 @@ def global_batch(
     key: jax.make_array_from_process_local_data(sharding, value)
     for key, value in local_batch.items()
   }
+
+
+# --- Multi-process.
+
+COORDINATOR_ENV = "RESEARCH_COORDINATOR"  # host:port of process 0
+NUM_PROCESSES_ENV = "RESEARCH_NUM_PROCESSES"
+PROCESS_ID_ENV = "RESEARCH_PROCESS_ID"
+
+
+def _cluster_detected() -> str | None:
+  """'slurm' or 'tpu' when running as one task of a multi-process job there."""
+  if os.environ.get("RESEARCH_DISTRIBUTED") == "auto":  # set by launch/tpu_vm.sh
+    return "auto"
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+    return "slurm"
+  if len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
+    return "tpu"
+  return None
+
+
+def initialize_distributed(
+  coordinator_address: str = "", num_processes: int = 0, process_id: int = -1, timeout_s: int = 300
+) -> None:
+  """jax.distributed.initialize from flags, else $RESEARCH_* variables, else SLURM / Cloud TPU.
+
+  A single process (none of these set) initialises nothing.
+  """
+  coordinator_address = coordinator_address or os.environ.get(COORDINATOR_ENV, "")
+  num_processes = num_processes or int(os.environ.get(NUM_PROCESSES_ENV, "0"))
+  if process_id < 0:
+    process_id = int(os.environ.get(PROCESS_ID_ENV, "-1"))
+  if coordinator_address:
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise ConfigError(
+        f"multi-process launch: coordinator {coordinator_address!r} needs num_processes >= 1 "
+        f"and 0 <= process_id < num_processes (got {num_processes}, {process_id})"
+      )
+    jax.distributed.initialize(
+      coordinator_address, num_processes, process_id, initialization_timeout=timeout_s
+    )
+  elif _cluster_detected():
+    jax.distributed.initialize(initialization_timeout=timeout_s)  # JAX reads the cluster's env
+
+
+def barrier(name: str, timeout_s: int = 600) -> None:
+  """Waits for every process; on timeout, raises naming the processes that did not arrive."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the coordination client: barriers with timeouts
+
+  client = distributed.global_state.client
+  client.key_value_set(f"barrier/{name}/{jax.process_index()}", "arrived")
+  try:
+    client.wait_at_barrier(f"barrier/{name}", timeout_in_ms=timeout_s * 1000)
+  except Exception as e:  # noqa: BLE001  the client raises XlaRuntimeError subclasses
+    arrived = {key.rsplit("/", 1)[-1] for key, _ in client.key_value_dir_get(f"barrier/{name}/")}
+    late = [p for p in range(jax.process_count()) if str(p) not in arrived]
+    raise RuntimeError(
+      f"barrier {name!r} timed out after {timeout_s}s: process(es) {late} did not arrive ({e})"
+    ) from None

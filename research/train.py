@@ -32,6 +32,14 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
   "allow_config_change", False, "Resume a workdir whose saved config differs from this one."
 )
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for bad input.")
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address",
+  "",
+  "host:port of process 0 for a manual multi-process launch "
+  "(or $RESEARCH_COORDINATOR); SLURM and Cloud TPU are detected without it.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in a manual launch.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a manual launch.")
 
 # Where a run executes, not what it computes: a workdir may resume with other values.
 DEPLOYMENT_KEYS = ("data.raw_dir", "data.data_dir", "mesh.data", "mesh.fsdp", "mesh.model")
@@ -129,11 +137,14 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         f"config.{key}={config[key]}: must be divisible by the data-parallel size {dp} "
         f"and the process count {process_count}"
       )
-  if process_index == 0:
-    check_workdir(workdir, config, allow_config_change)
+  check_workdir(workdir, config, allow_config_change)
 
+  # Process 0 prepares the data (TFDS writes it once); the others read it after.
   t0 = time.perf_counter()
-  dataset = registry.datasets.get(config.data.name)(config.data)
+  load_dataset = lambda: registry.datasets.get(config.data.name)(config.data)
+  dataset = load_dataset() if process_index == 0 else None
+  parallel.barrier("dataset_prepared")
+  dataset = dataset or load_dataset()
   logging.info("[TIMING] data load: %.1fs", time.perf_counter() - t0)
   derived = derived_values(config, dataset.num_train_examples)
   total_steps = derived["total_steps"]
@@ -273,6 +284,9 @@ def main(argv):
   if _CONFIG.value is None or _WORKDIR.value is None:
     return _usage_error("--config and --workdir are required")
   try:
+    from research import parallel
+
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     train_and_evaluate(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
   except USAGE_ERRORS + (_data_error(),) as e:
     if _VERBOSE.value:
