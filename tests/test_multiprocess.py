@@ -67,3 +67,38 @@ def test_bad_manual_launch_is_one_line(tmp_path):
   )  # fmt: skip
   assert result.returncode == 2
   assert "0 <= process_id < num_processes (got 2, 5)" in result.stderr.strip().splitlines()[-1]
+
+
+def test_barrier_timeout_names_the_late_process():
+  port = str(21000 + os.getpid() % 5000)
+  probe = [sys.executable, "tests/helpers/barrier_probe.py", port]
+  kwargs = dict(cwd=config_lib.REPO_ROOT, env=_env(), stdout=subprocess.PIPE, text=True)
+  processes = [subprocess.Popen([*probe, str(i)], **kwargs) for i in (0, 1)]
+  outputs = [p.communicate(timeout=120)[0] for p in processes]
+  assert [p.returncode for p in processes] == [0, 0]
+  assert (
+    "error: barrier 'never_reached_by_1' timed out after 3s: process(es) [1] did not arrive"
+    in (outputs[0])
+  )
+
+
+def test_one_process_checkpoint_resumes_as_two(mnist, tfds_data_dir, mnist_raw_dir, tmp_path):
+  del mnist
+  straight, moved = tmp_path / "straight", tmp_path / "moved"
+  run = lambda command, workdir, steps: subprocess.run(
+    [*command, *_flags(workdir, tfds_data_dir, mnist_raw_dir), f"--config.num_train_steps={steps}",
+     "--allow_config_change"],
+    capture_output=True, text=True, cwd=config_lib.REPO_ROOT, env=_env(), timeout=600,
+  )  # fmt: skip
+  one_process = [sys.executable, "-m", "research.train"]
+  two_processes = ["bash", str(LAUNCHER), "2"]
+  assert run(one_process, straight, 200).returncode == 0
+  assert run(one_process, moved, 100).returncode == 0
+  resumed = run(two_processes, moved, 200)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from checkpoint at step 100" in resumed.stderr
+  losses = lambda w: [
+    r["metrics"]["loss"] for r in read_jsonl(w / "metrics.jsonl") if r["split"] == "train"
+  ]
+  assert len(losses(moved)) == 20
+  assert losses(moved) == pytest.approx(losses(straight), rel=1e-5)
