@@ -37,10 +37,35 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
+def num_slices(devices) -> int:
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def make_mesh(mesh_config, devices=None) -> Mesh:
+  """The (data, fsdp, model) mesh over `devices` (default: all devices of all processes)."""
   devices = jax.devices() if devices is None else devices
+  return Mesh(device_grid(mesh_config, devices), MESH_AXES)
+
+
+def device_grid(mesh_config, devices) -> np.ndarray:
+  """Devices arranged as (data, fsdp, model); on multi-slice TPU, `data` spans the slices."""
+  from jax.experimental import mesh_utils
+
   shape = mesh_shape(mesh_config, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  slices = num_slices(devices)
+  if slices > 1:
+    if shape[0] % slices:
+      raise ConfigError(
+        f"config.mesh.data={shape[0]}: must be a multiple of the {slices} TPU slices "
+        "(data parallelism runs across slices)"
+      )
+    per_slice = (shape[0] // slices, *shape[1:])
+    device_array = mesh_utils.create_hybrid_device_mesh(per_slice, (slices, 1, 1), devices)
+  elif devices[0].platform == "tpu":
+    device_array = mesh_utils.create_device_mesh(shape, devices)  # follows the ICI topology
+  else:
+    device_array = np.asarray(devices).reshape(shape)
+  return device_array
 
 
 def data_parallel_size(mesh: Mesh, batch_axes=BATCH_AXES) -> int:

@@ -30,6 +30,22 @@ def test_mesh_shape_fills_the_remaining_devices():
     parallel.mesh_shape(_mesh(data=4), 8)
 
 
+def test_multi_slice_mesh_puts_data_across_slices():
+  """Two fake 4-device slices: each slice's devices share a `data` block (DCN outermost)."""
+  import types
+
+  devices = [
+    types.SimpleNamespace(id=i, slice_index=i // 4, platform="cpu", device_kind="cpu")
+    for i in range(8)
+  ]
+  grid = parallel.device_grid(_mesh(data=-1, model=2), devices)
+  assert grid.shape == (4, 1, 2)
+  slice_of_row = [{d.slice_index for d in row.flatten()} for row in grid]
+  assert slice_of_row == [{0}, {0}, {1}, {1}]
+  with pytest.raises(config_lib.ConfigError, match="multiple of the 2 TPU slices"):
+    parallel.device_grid(_mesh(data=1, model=-1), devices)
+
+
 def _run(workdir, tfds_data_dir, mnist_raw_dir, devices):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   result = subprocess.run(
