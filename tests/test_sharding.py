@@ -97,11 +97,13 @@ def test_dp_fsdp_tp_losses_equal_one_device(mnist, tfds_data_dir, mnist_raw_dir,
         assert losses == pytest.approx(reference, rel=1e-4), (model, name)
       else:
         assert losses == pytest.approx(reference, rel=1e-5), (model, name)
-  table = (tmp_path / "runs_8" / "cnn_4_1_2" / "sharding.md").read_text()
-  assert (
-    "| conv2/kernel | (3, 3, 32, 64) | (-, -, conv_in, conv_out) "
-    "| (-, -, -, (fsdp, model)) | 36,864 |" in table
-  )
+  # Tensor parallel splits the dense layers over `model`; FSDP shards the convolutions.
+  tp_cnn = (tmp_path / "runs_8" / "cnn_4_1_2" / "sharding.md").read_text()
+  assert "| fc1/kernel | (9216, 128) | (embed, mlp) | (fsdp, model) | 2,359,296 |" in tp_cnn
+  assert "| head/kernel | (128, 10) | (mlp, classes) | (model, -) | 2,560 |" in tp_cnn
+  fsdp_cnn = (tmp_path / "runs_8" / "cnn_2_4_1" / "sharding.md").read_text()
+  conv2 = "| conv2/kernel | (3, 3, 32, 64) | (-, -, conv_in, conv_out) | (-, -, -, fsdp) | 18,432 |"
+  assert conv2 in fsdp_cnn
   fsdp_table = (tmp_path / "runs_8" / "mlp_2_4_1" / "sharding.md").read_text()
   assert "| hidden_0/kernel | (784, 128) | (embed, mlp) | (fsdp, model) | 100,352 |" in fsdp_table
 

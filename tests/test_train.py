@@ -96,3 +96,18 @@ def test_workdir_with_another_config_is_refused(config, tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r"optimizer.learning_rate: 0.001 -> 0.5"):
     train.train_and_evaluate(config, str(tmp_path))
   assert (tmp_path / "config.json").read_text() == before
+
+
+def test_bfloat16_compute_trains_with_float32_state(config, tmp_path):
+  config.dtype = "bfloat16"
+  config.num_train_steps = 60
+  config.eval_every_steps = -1
+  final = train.train_and_evaluate(config, str(tmp_path))
+  assert final["accuracy"] > 0.6
+  losses = [
+    r["metrics"]["loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "train"
+  ]
+  assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+  step, params = _final_params(tmp_path)
+  assert step == 60
+  assert all(p.dtype == np.float32 for p in __import__("jax").tree.leaves(params))
