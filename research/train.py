@@ -125,6 +125,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   from research import metrics as metrics_lib
   from research import step as step_lib
   from research.data import loader
+  from research.preemption import PreemptionWatcher
   from research.versions import versions
 
   process_index, process_count = jax.process_index(), jax.process_count()
@@ -228,6 +229,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   metadata = json.loads(json.dumps(metadata, default=str))
   progress = metrics_lib.Progress(start_step, total_steps, config.global_batch_size)
   pending = []  # device metrics since the last log line
+  preemption = PreemptionWatcher()
   t_loop = time.perf_counter()
   for step in range(start_step, total_steps):
     batch = parallel.global_batch(train_loader(step), batch_sharding)
@@ -251,7 +253,17 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
       logging.info("step %d %s: %s", done, config.data.eval_split, eval_metrics)
     if done % config.checkpoint_every_steps == 0 or done == total_steps:
       ckpt.save(done, state, metadata)
+    elif preemption.should_stop(done):
+      ckpt.save(done, state, metadata)
+      logging.warning(
+        "preempted (SIGTERM) at step %d: checkpoint saved; the same command resumes here", done
+      )
+      ckpt.close()
+      writer.close()
+      preemption.close()
+      return {"preempted_at_step": done}
 
+  preemption.close()
   final = run_eval(state.params)
   writer.write(total_steps, config.data.eval_split, final)
   if process_index == 0:

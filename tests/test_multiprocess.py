@@ -102,3 +102,29 @@ def test_one_process_checkpoint_resumes_as_two(mnist, tfds_data_dir, mnist_raw_d
   ]
   assert len(losses(moved)) == 20
   assert losses(moved) == pytest.approx(losses(straight), rel=1e-5)
+
+
+def test_sigterm_to_the_launcher_stops_both_processes_at_one_checkpoint(
+  mnist, tfds_data_dir, mnist_raw_dir, tmp_path
+):
+  import signal
+  import time
+
+  del mnist
+  flags = _flags(tmp_path, tfds_data_dir, mnist_raw_dir)
+  flags += ["--config.num_train_steps=1000000", "--config.checkpoint_every_steps=1000000"]
+  launcher = subprocess.Popen(
+    ["bash", str(LAUNCHER), "2", *flags], cwd=config_lib.REPO_ROOT, env=_env(),
+    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  )  # fmt: skip
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 240
+  while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+    time.sleep(0.5)
+  launcher.send_signal(signal.SIGTERM)
+  _, stderr = launcher.communicate(timeout=180)
+  assert launcher.returncode == 0, stderr[-3000:]
+  preempted = [line for line in stderr.splitlines() if "preempted (SIGTERM) at step" in line]
+  assert len(preempted) == 2  # both processes, at the same step
+  assert len({line.split("at step ")[1].split(":")[0] for line in preempted}) == 1
+  assert len([p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]) == 1

@@ -111,3 +111,38 @@ def test_bfloat16_compute_trains_with_float32_state(config, tmp_path):
   step, params = _final_params(tmp_path)
   assert step == 60
   assert all(p.dtype == np.float32 for p in __import__("jax").tree.leaves(params))
+
+
+def test_sigterm_saves_at_the_next_step_and_the_run_resumes_there(config, tmp_path):
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  base = [
+    sys.executable, "-m", "research.train", "--config=experiments/mnist_mlp.py",
+    f"--workdir={tmp_path}", f"--config.data.data_dir={config.data.data_dir}",
+    f"--config.data.raw_dir={config.data.raw_dir}", "--config.log_every_steps=50",
+    "--config.checkpoint_every_steps=1000000", "--config.eval_batch_size=1000",
+  ]  # fmt: skip
+  env = dict(__import__("os").environ, PYTHONPATH=str(config_lib.REPO_ROOT))
+  run = subprocess.Popen(
+    [*base, "--config.num_train_steps=1000000"], cwd=config_lib.REPO_ROOT, env=env,
+    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  )  # fmt: skip
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 240
+  while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+    time.sleep(0.5)
+  run.send_signal(signal.SIGTERM)
+  _, stderr = run.communicate(timeout=120)
+  assert run.returncode == 0, stderr[-3000:]
+  assert "preempted (SIGTERM) at step" in stderr
+  saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(saved) == 1 and saved[0] >= 50
+  resumed = subprocess.run(
+    [*base, f"--config.num_train_steps={saved[0] + 10}", "--allow_config_change"],
+    cwd=config_lib.REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed from checkpoint at step {saved[0]}" in resumed.stderr
