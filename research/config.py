@@ -22,6 +22,7 @@ from research import registry
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DTYPES = ("float32", "bfloat16")
+NAN_POLICIES = ("halt", "skip")
 MESH_AXES = ("data", "fsdp", "model")
 # Model arguments the trainer fills in itself (from the dataset and config.dtype).
 DERIVED_MODEL_KEYS = ("num_classes", "dtype")
@@ -62,6 +63,7 @@ def base() -> ml_collections.ConfigDict:
   config.num_epochs = 1.0
   config.num_train_steps = -1  # > 0 overrides num_epochs
   config.dtype = "float32"  # compute dtype; parameters, optimizer state and loss stay float32
+  config.nan_policy = "halt"  # NaN/Inf loss or gradient: "halt" the run, or "skip" the update
   config.log_every_steps = 100
   config.eval_every_steps = -1  # -1: evaluate only at the end
   config.checkpoint_every_steps = 1000
@@ -294,6 +296,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(
     config.num_train_steps > 0 or config.num_epochs > 0,
     "config.num_epochs and config.num_train_steps: one of them must be > 0",
+  )
+  _require(
+    config.nan_policy in NAN_POLICIES,
+    f"config.nan_policy={config.nan_policy!r}: valid: {', '.join(NAN_POLICIES)}",
   )
   _require(config.dtype in DTYPES, f"config.dtype={config.dtype!r}: valid: {', '.join(DTYPES)}")
   for key in ("log_every_steps", "checkpoint_every_steps", "max_to_keep"):

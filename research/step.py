@@ -49,8 +49,13 @@ def make_train_step(
   dropout_key: jax.Array,
   l1_penalty: float = 0.0,
   l2_penalty: float = 0.0,
+  skip_nonfinite: bool = False,
 ):
-  """train_step(state, batch) -> (state, metrics); randomness is a function of state.step."""
+  """train_step(state, batch) -> (state, metrics); randomness is a function of state.step.
+
+  metrics["nonfinite"] is 1.0 when the loss or a gradient is NaN/Inf; with
+  skip_nonfinite that update is not applied (the step still advances).
+  """
 
   def train_step(state: TrainState, batch):
     dropout_rng = jax.random.fold_in(dropout_key, state.step)
@@ -69,7 +74,15 @@ def make_train_step(
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(total) & jnp.all(
+      jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+    )
+    if skip_nonfinite:
+      keep_old = lambda new, old: jnp.where(finite, new, old)
+      params = jax.tree.map(keep_old, params, state.params)
+      opt_state = jax.tree.map(keep_old, opt_state, state.opt_state)
     metrics = {
+      "nonfinite": 1.0 - finite.astype(jnp.float32),
       "loss": data_loss,
       "total_loss": total,
       "accuracy": jnp.mean(jnp.argmax(logits_BxK, -1) == batch["label"]),

@@ -93,6 +93,24 @@ def check_workdir(workdir: Path, config, allow_config_change: bool) -> None:
       )
 
 
+class TrainingHalted(RuntimeError):
+  """A NaN/Inf loss or gradient under config.nan_policy="halt"."""
+
+
+def halt_if_nonfinite(pending_metrics: list[dict], first_step: int) -> None:
+  """Raises TrainingHalted naming the first step (1-based) whose loss or gradient was NaN/Inf."""
+  import jax
+
+  flags = jax.device_get([m["nonfinite"] for m in pending_metrics])
+  for offset, flag in enumerate(flags):
+    if flag:
+      metrics = jax.device_get(pending_metrics[offset])
+      name = "loss" if not math.isfinite(metrics["loss"]) else "grad_norm"
+      raise TrainingHalted(
+        f"step {first_step + offset}: {name} is {metrics[name]} (config.nan_policy='halt')"
+      )
+
+
 def evaluate(eval_step, params, arrays, eval_batch_size, sharding, process_index, process_count):
   """Mean loss and accuracy over every example of `arrays`, each visited exactly once."""
   import jax
@@ -202,6 +220,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
       rng_for(config.seed, "dropout"),
       config.optimizer.l1_penalty,
       config.optimizer.l2_penalty,
+      skip_nonfinite=config.nan_policy == "skip",
     ),
     in_shardings=(state_sharding, batch_sharding),
     out_shardings=(state_sharding, replicated),
@@ -240,8 +259,24 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
       jax.block_until_ready(step_metrics)
       logging.info("[TIMING] first step (compile + run): %.1fs", time.perf_counter() - t_loop)
       progress = metrics_lib.Progress(done, total_steps, config.global_batch_size)
-    if done % config.log_every_steps == 0 or done == total_steps:
+    log_now = done % config.log_every_steps == 0 or done == total_steps
+    save_now = done % config.checkpoint_every_steps == 0 or done == total_steps
+    if config.nan_policy == "halt" and (log_now or save_now):
+      try:
+        halt_if_nonfinite(pending, first_step=done - len(pending) + 1)
+      except TrainingHalted as halted:
+        ckpt.manager.wait_until_finished()  # in-flight saves of good states finish
+        last_good = ckpt.latest_step()
+        ckpt.close()
+        writer.close()
+        preemption.close()
+        kept = f"last good checkpoint: step {last_good}" if last_good else "no checkpoint yet"
+        raise TrainingHalted(f"{halted}; {kept}") from None
+    if log_now:
+      nonfinite_steps = sum(jax.device_get([m["nonfinite"] for m in pending]))
       averaged = jax.device_get(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *pending))
+      averaged.pop("nonfinite")
+      averaged["nonfinite_steps"] = nonfinite_steps
       pending = []
       speed = progress.report(done)
       writer.write(done, "train", {**averaged, **speed})
@@ -251,7 +286,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
       eval_metrics = run_eval(state.params)
       writer.write(done, config.data.eval_split, eval_metrics)
       logging.info("step %d %s: %s", done, config.data.eval_split, eval_metrics)
-    if done % config.checkpoint_every_steps == 0 or done == total_steps:
+    if save_now:
       ckpt.save(done, state, metadata)
     elif preemption.should_stop(done):
       ckpt.save(done, state, metadata)
@@ -304,6 +339,9 @@ def main(argv):
     if _VERBOSE.value:
       raise
     return _usage_error(str(e))
+  except TrainingHalted as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 def _data_error():

@@ -146,3 +146,51 @@ def test_sigterm_saves_at_the_next_step_and_the_run_resumes_there(config, tmp_pa
   )  # fmt: skip
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"resumed from checkpoint at step {saved[0]}" in resumed.stderr
+
+
+def test_nan_halts_naming_the_step_and_keeps_only_good_checkpoints(config, tmp_path):
+  config.optimizer = config_lib.entry("optimizer", "sgd", learning_rate=1e30)
+  config.model.dropout = 0.0
+  config.checkpoint_every_steps = 1
+  config.log_every_steps = 1
+  with pytest.raises(train.TrainingHalted) as halted:
+    train.train_and_evaluate(config, str(tmp_path))
+  message = str(halted.value)
+  bad_step = int(message.split("step ")[1].split(":")[0])
+  assert "is nan" in message or "is inf" in message
+  assert f"last good checkpoint: step {bad_step - 1}" in message
+  _, params = _final_params(tmp_path)
+  assert all(np.isfinite(p).all() for p in __import__("jax").tree.leaves(params))
+
+
+def test_skip_policy_drops_the_nonfinite_update_and_counts_it():
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from research import registry
+  from research import step as step_lib
+
+  model = registry.models.get("softmax_regression")(num_classes=3)
+  tx = optax.sgd(0.1)
+  base_loss = registry.losses.get("softmax_xent")()
+  # A loss that is NaN whenever a label is 0: a deterministic bad batch.
+  loss_fn = lambda logits, labels: jnp.where(labels == 0, jnp.nan, base_loss(logits, labels))
+  state = step_lib.init_state(model, tx, jax.random.key(0), (2, 2, 1))
+  train_step = jax.jit(
+    step_lib.make_train_step(
+      model, tx, loss_fn, lambda s: 0.1, jax.random.key(1), skip_nonfinite=True
+    )
+  )
+  image = jnp.full((4, 2, 2, 1), 200, jnp.uint8)
+  bad, good = (
+    {"image": image, "label": jnp.zeros(4, jnp.int32)},
+    {"image": image, "label": jnp.ones(4, jnp.int32)},
+  )
+  after_bad, metrics = train_step(state, bad)
+  assert float(metrics["nonfinite"]) == 1.0 and int(after_bad.step) == 1
+  for a, b in zip(jax.tree.leaves(after_bad.params), jax.tree.leaves(state.params), strict=True):
+    np.testing.assert_array_equal(a, b)
+  after_good, metrics = train_step(after_bad, good)
+  assert float(metrics["nonfinite"]) == 0.0
+  assert not np.array_equal(after_good.params["head"]["kernel"], state.params["head"]["kernel"])
