@@ -7,16 +7,19 @@ Restore always goes into an abstract target built on the current mesh.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 class Checkpointer:
   def __init__(self, directory: str | Path, max_to_keep: int):
+    self.directory = Path(directory).absolute()
     self.manager = ocp.CheckpointManager(
-      Path(directory).absolute(),
+      self.directory,
       options=ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True
       ),
@@ -44,6 +47,40 @@ class Checkpointer:
     )
     return restored["state"]
 
+  def restore_latest_good(self, abstract_state):
+    """(step, state) of the newest checkpoint that restores, or (None, None) if there is none.
+
+    Orbax does not notice a finished checkpoint that was damaged afterwards (a
+    missing or truncated file); it fails on restore. Such a checkpoint gets one
+    warning naming it, is moved aside to `<directory>.damaged/STEP` (never
+    deleted), and the previous step is tried.
+    """
+    _quiet_closed_event_loop_errors()
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return step, self.restore(step, abstract_state)
+      except Exception as e:  # noqa: BLE001  Orbax/TensorStore raise many types
+        self.move_aside(step, e)
+    return None, None
+
+  def move_aside(self, step: int, error: Exception) -> None:
+    source = self.directory / str(step)
+    target = self.directory.with_name(self.directory.name + ".damaged") / str(step)
+    while target.exists():
+      target = target.with_name(target.name + "_")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+      shutil.move(source, target)
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    logging.warning(
+      "checkpoint %s does not restore (%s: %s); moved it to %s and falling back",
+      source, type(error).__name__, reason, target,
+    )  # fmt: skip
+    from research import parallel  # every process sees the move before reloading
+
+    parallel.barrier(f"checkpoint_{step}_moved_aside")
+    self.manager.reload()
+
   def metadata(self, step: int) -> dict:
     restored = self.manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
     return restored["metadata"]
@@ -58,3 +95,22 @@ def abstract_with_shardings(state_shape, shardings):
   return jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shape, shardings
   )
+
+
+def _quiet_closed_event_loop_errors() -> None:
+  """When a restore fails, Orbax's pending async reads report "Event loop is closed"
+  through sys.unraisablehook, one traceback per array. Drop exactly those; pass on the rest."""
+  import sys
+
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_closed_event_loop", False):
+    return
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook._drops_closed_event_loop = True
+  sys.unraisablehook = hook

@@ -202,13 +202,12 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   batch_sharding = parallel.batch_sharding(mesh, batch_axes)
   replicated = parallel.replicated(mesh)
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", config.max_to_keep)
-  start_step = ckpt.latest_step()
+  abstract = checkpoint.abstract_with_shardings(state_shape, state_sharding)
+  start_step, state = ckpt.restore_latest_good(abstract)
   if start_step is None:
     state = jax.jit(init, out_shardings=state_sharding)()
     start_step = 0
   else:
-    abstract = checkpoint.abstract_with_shardings(state_shape, state_sharding)
-    state = ckpt.restore(start_step, abstract)
     logging.info("resumed from checkpoint at step %d", start_step)
 
   train_step = jax.jit(

@@ -194,3 +194,31 @@ def test_skip_policy_drops_the_nonfinite_update_and_counts_it():
   after_good, metrics = train_step(after_bad, good)
   assert float(metrics["nonfinite"]) == 0.0
   assert not np.array_equal(after_good.params["head"]["kernel"], state.params["head"]["kernel"])
+
+
+def test_damaged_checkpoint_is_moved_aside_and_the_run_falls_back(config, tmp_path, caplog):
+  import logging
+
+  config.num_train_steps = 120
+  config.eval_every_steps = -1
+  train.train_and_evaluate(config, str(tmp_path / "damaged"))
+  # Damage the newest finished checkpoint (its array data), and leave an unfinished save.
+  data_files = [p for p in (tmp_path / "damaged/checkpoints/120/state").rglob("*") if p.is_file()]
+  for path in data_files:
+    if path.parent.name == "d":
+      path.write_bytes(b"")
+  (tmp_path / "damaged/checkpoints/180.orbax-checkpoint-tmp-1").mkdir()
+  config.num_train_steps = 180
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(config, str(tmp_path / "damaged"), allow_config_change=True)
+  warnings = [r.getMessage() for r in caplog.records if "does not restore" in r.getMessage()]
+  assert len(warnings) == 1 and "checkpoints/120" in warnings[0]
+  assert (tmp_path / "damaged/checkpoints.damaged/120/state").is_dir()  # kept, not deleted
+  train.train_and_evaluate(config, str(tmp_path / "straight"))
+  step_a, params_a = _final_params(tmp_path / "damaged")
+  step_b, params_b = _final_params(tmp_path / "straight")
+  assert step_a == step_b == 180
+  for a, b in zip(
+    __import__("jax").tree.leaves(params_a), __import__("jax").tree.leaves(params_b), strict=True
+  ):
+    np.testing.assert_array_equal(a, b)  # resumed from step 60: still bitwise
