@@ -79,20 +79,17 @@ def state_shardings(boxed_state_shape, mesh: Mesh, rules) -> tuple:
 
   def one(path, logical, leaf):
     name = path_name(path)
-    spec = mesh_spec(name, leaf.shape, logical, rules, mesh)
-    ways = math.prod(
-      math.prod(mesh.shape[a] for a in (p if isinstance(p, tuple) else (p,))) for p in spec if p
-    )
+    sharding = NamedSharding(mesh, mesh_spec(name, leaf.shape, logical, rules, mesh))
     rows.append(
       {
         "name": name,
         "shape": tuple(leaf.shape),
         "logical": tuple(logical),
-        "mesh": tuple(spec),
-        "bytes_per_device": int(np.prod(leaf.shape)) * leaf.dtype.itemsize // ways,
+        "mesh": tuple(sharding.spec),
+        "bytes_per_device": int(np.prod(sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize,
       }
     )
-    return NamedSharding(mesh, spec)
+    return sharding
 
   shardings = jax.tree_util.tree_map_with_path(
     one, logical_specs, state_shape, is_leaf=lambda x: isinstance(x, PartitionSpec)

@@ -97,11 +97,13 @@ class TrainingHalted(RuntimeError):
   """A NaN/Inf loss or gradient under config.nan_policy="halt"."""
 
 
-def halt_if_nonfinite(pending_metrics: list[dict], first_step: int) -> None:
-  """Raises TrainingHalted naming the first step (1-based) whose loss or gradient was NaN/Inf."""
+def halt_if_nonfinite(pending_metrics: list[dict], flags, first_step: int) -> None:
+  """Raises TrainingHalted naming the first step (1-based) whose loss or gradient was NaN/Inf.
+
+  `flags` are the host values of each pending step's "nonfinite" metric.
+  """
   import jax
 
-  flags = jax.device_get([m["nonfinite"] for m in pending_metrics])
   for offset, flag in enumerate(flags):
     if flag:
       metrics = jax.device_get(pending_metrics[offset])
@@ -245,71 +247,68 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   writer = metrics_lib.MetricWriter(workdir, enabled=process_index == 0)
   metadata = {"config": config.to_dict(), "versions": versions()}
   metadata = json.loads(json.dumps(metadata, default=str))
-  progress = metrics_lib.Progress(start_step, total_steps, config.global_batch_size)
   pending = []  # device metrics since the last log line
   preemption = PreemptionWatcher()
   t_loop = time.perf_counter()
-  for step in range(start_step, total_steps):
-    batch = parallel.global_batch(train_loader(step), batch_sharding)
-    state, step_metrics = train_step(state, batch)
-    pending.append(step_metrics)
-    done = step + 1
-    if step == start_step:
-      jax.block_until_ready(step_metrics)
-      logging.info("[TIMING] first step (compile + run): %.1fs", time.perf_counter() - t_loop)
-      progress = metrics_lib.Progress(done, total_steps, config.global_batch_size)
-    log_now = done % config.log_every_steps == 0 or done == total_steps
-    save_now = done % config.checkpoint_every_steps == 0 or done == total_steps
-    if config.nan_policy == "halt" and (log_now or save_now):
-      try:
-        halt_if_nonfinite(pending, first_step=done - len(pending) + 1)
-      except TrainingHalted as halted:
-        ckpt.manager.wait_until_finished()  # in-flight saves of good states finish
-        last_good = ckpt.latest_step()
-        ckpt.close()
-        writer.close()
-        preemption.close()
-        kept = f"last good checkpoint: step {last_good}" if last_good else "no checkpoint yet"
-        raise TrainingHalted(f"{halted}; {kept}") from None
-    if log_now:
-      nonfinite_steps = sum(jax.device_get([m["nonfinite"] for m in pending]))
-      averaged = jax.device_get(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *pending))
-      averaged.pop("nonfinite")
-      averaged["nonfinite_steps"] = nonfinite_steps
-      pending = []
-      speed = progress.report(done)
-      writer.write(done, "train", {**averaged, **speed})
-      if process_index == 0:
-        metrics_lib.log_line(done, total_steps, averaged, speed)
-    if config.eval_every_steps > 0 and done % config.eval_every_steps == 0 and done < total_steps:
-      eval_metrics = run_eval(state.params)
-      writer.write(done, config.data.eval_split, eval_metrics)
-      logging.info("step %d %s: %s", done, config.data.eval_split, eval_metrics)
-    if save_now:
-      ckpt.save(done, state, metadata)
-    elif preemption.should_stop(done):
-      ckpt.save(done, state, metadata)
-      logging.warning(
-        "preempted (SIGTERM) at step %d: checkpoint saved; the same command resumes here", done
-      )
-      ckpt.close()
-      writer.close()
-      preemption.close()
-      return {"preempted_at_step": done}
+  try:
+    for step in range(start_step, total_steps):
+      batch = parallel.global_batch(train_loader(step), batch_sharding)
+      state, step_metrics = train_step(state, batch)
+      pending.append(step_metrics)
+      done = step + 1
+      if step == start_step:
+        jax.block_until_ready(step_metrics)
+        logging.info("[TIMING] first step (compile + run): %.1fs", time.perf_counter() - t_loop)
+        progress = metrics_lib.Progress(done, total_steps, config.global_batch_size)
+      log_now = done % config.log_every_steps == 0 or done == total_steps
+      save_now = done % config.checkpoint_every_steps == 0 or done == total_steps
+      if log_now or save_now:
+        nonfinite = jax.device_get([m["nonfinite"] for m in pending])
+        if config.nan_policy == "halt":
+          try:
+            halt_if_nonfinite(pending, nonfinite, first_step=done - len(pending) + 1)
+          except TrainingHalted as halted:
+            ckpt.manager.wait_until_finished()  # in-flight saves of good states finish
+            last_good = ckpt.latest_step()
+            kept = f"last good checkpoint: step {last_good}" if last_good else "no checkpoint yet"
+            raise TrainingHalted(f"{halted}; {kept}") from None
+      if log_now:
+        averaged = jax.device_get(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *pending))
+        averaged.pop("nonfinite")
+        averaged["nonfinite_steps"] = sum(nonfinite)
+        pending = []
+        speed = progress.report(done)
+        writer.write(done, "train", {**averaged, **speed})
+        if process_index == 0:
+          metrics_lib.log_line(done, total_steps, averaged, speed)
+      if config.eval_every_steps > 0 and done % config.eval_every_steps == 0 and done < total_steps:
+        eval_metrics = run_eval(state.params)
+        writer.write(done, config.data.eval_split, eval_metrics)
+        logging.info("step %d %s: %s", done, config.data.eval_split, eval_metrics)
+      if save_now:
+        ckpt.save(done, state, metadata)
+      elif preemption.should_stop(done):
+        ckpt.save(done, state, metadata)
+        logging.warning(
+          "preempted (SIGTERM) at step %d: checkpoint saved; the same command resumes here", done
+        )
+        return {"preempted_at_step": done}
 
-  preemption.close()
-  final = run_eval(state.params)
-  writer.write(total_steps, config.data.eval_split, final)
-  if process_index == 0:
-    logging.info(
-      "final %s metrics at step %d: %s",
-      config.data.eval_split,
-      total_steps,
-      ", ".join(f"{k}={v:.4f}" for k, v in final.items()),
-    )
-  ckpt.close()
-  writer.close()
-  return final
+    preemption.close()  # a SIGTERM during the final evaluation stops the process as usual
+    final = run_eval(state.params)
+    writer.write(total_steps, config.data.eval_split, final)
+    if process_index == 0:
+      logging.info(
+        "final %s metrics at step %d: %s",
+        config.data.eval_split,
+        total_steps,
+        ", ".join(f"{k}={v:.4f}" for k, v in final.items()),
+      )
+    return final
+  finally:  # every way out waits for in-flight saves (an exit during one hangs Orbax)
+    preemption.close()
+    ckpt.close()
+    writer.close()
 
 
 class _QuietLibraries(logging_std.Filter):

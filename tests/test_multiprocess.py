@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers.processes import sigterm_once_training
 
 from research import config as config_lib
 from research.metrics import read_jsonl
@@ -107,9 +108,6 @@ def test_one_process_checkpoint_resumes_as_two(mnist, tfds_data_dir, mnist_raw_d
 def test_sigterm_to_the_launcher_stops_both_processes_at_one_checkpoint(
   mnist, tfds_data_dir, mnist_raw_dir, tmp_path
 ):
-  import signal
-  import time
-
   del mnist
   flags = _flags(tmp_path, tfds_data_dir, mnist_raw_dir)
   flags += ["--config.num_train_steps=1000000", "--config.checkpoint_every_steps=1000000"]
@@ -117,12 +115,7 @@ def test_sigterm_to_the_launcher_stops_both_processes_at_one_checkpoint(
     ["bash", str(LAUNCHER), "2", *flags], cwd=config_lib.REPO_ROOT, env=_env(),
     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
   )  # fmt: skip
-  metrics = tmp_path / "metrics.jsonl"
-  deadline = time.time() + 240
-  while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
-    time.sleep(0.5)
-  launcher.send_signal(signal.SIGTERM)
-  _, stderr = launcher.communicate(timeout=180)
+  stderr = sigterm_once_training(launcher, tmp_path)
   assert launcher.returncode == 0, stderr[-3000:]
   preempted = [line for line in stderr.splitlines() if "preempted (SIGTERM) at step" in line]
   assert len(preempted) == 2  # both processes, at the same step

@@ -114,10 +114,10 @@ def test_bfloat16_compute_trains_with_float32_state(config, tmp_path):
 
 
 def test_sigterm_saves_at_the_next_step_and_the_run_resumes_there(config, tmp_path):
-  import signal
   import subprocess
   import sys
-  import time
+
+  from helpers.processes import sigterm_once_training
 
   base = [
     sys.executable, "-m", "research.train", "--config=experiments/mnist_mlp.py",
@@ -130,12 +130,7 @@ def test_sigterm_saves_at_the_next_step_and_the_run_resumes_there(config, tmp_pa
     [*base, "--config.num_train_steps=1000000"], cwd=config_lib.REPO_ROOT, env=env,
     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
   )  # fmt: skip
-  metrics = tmp_path / "metrics.jsonl"
-  deadline = time.time() + 240
-  while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
-    time.sleep(0.5)
-  run.send_signal(signal.SIGTERM)
-  _, stderr = run.communicate(timeout=120)
+  stderr = sigterm_once_training(run, tmp_path, timeout_s=120)
   assert run.returncode == 0, stderr[-3000:]
   assert "preempted (SIGTERM) at step" in stderr
   saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
