@@ -10,6 +10,7 @@ dimension, or one mesh axis used for two dimensions of a parameter.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -95,6 +96,20 @@ def state_shardings(boxed_state_shape, mesh: Mesh, rules) -> tuple:
     one, logical_specs, state_shape, is_leaf=lambda x: isinstance(x, PartitionSpec)
   )
   return state_shape, shardings, rows
+
+
+@contextlib.contextmanager
+def activation_context(mesh: Mesh, rules):
+  """While tracing a step: the rules and mesh that `layers.constrain` pins activations by.
+
+  Flax gives each mesh axis to the first rule that claims it, so `batch` goes
+  first: an activation's feature axis never takes the mesh axes of the batch.
+  """
+  rules = {k: tuple(v) for k, v in dict(rules).items()}
+  ordered = [("batch", rules.pop("batch", ()))] + sorted(rules.items())
+  flax_rules = tuple((name, axes or None) for name, axes in ordered)
+  with nn.logical_axis_rules(flax_rules), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    yield
 
 
 def table(rows) -> str:

@@ -5,6 +5,7 @@ Shapes: B batch, H height, W width, C channels, K classes.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -50,11 +51,14 @@ def make_train_step(
   l1_penalty: float = 0.0,
   l2_penalty: float = 0.0,
   skip_nonfinite: bool = False,
+  sharding_context: Callable = contextlib.nullcontext,
 ):
   """train_step(state, batch) -> (state, metrics); randomness is a function of state.step.
 
   metrics["nonfinite"] is 1.0 when the loss or a gradient is NaN/Inf; with
   skip_nonfinite that update is not applied (the step still advances).
+  `sharding_context()` is entered while the model is traced (activation
+  constraints; see research.sharding.activation_context).
   """
 
   def train_step(state: TrainState, batch):
@@ -62,9 +66,10 @@ def make_train_step(
     images_BxHxWxC = images_to_float(batch["image"])
 
     def objective(params):
-      logits_BxK = model.apply(
-        {"params": params}, images_BxHxWxC, train=True, rngs={"dropout": dropout_rng}
-      )
+      with sharding_context():
+        logits_BxK = model.apply(
+          {"params": params}, images_BxHxWxC, train=True, rngs={"dropout": dropout_rng}
+        )
       data_loss = jnp.mean(loss_fn(logits_BxK, batch["label"]))
       total = data_loss + optim.penalty(params, l1_penalty, l2_penalty)
       return total, (data_loss, logits_BxK)
@@ -94,11 +99,14 @@ def make_train_step(
   return train_step
 
 
-def make_eval_step(model: nn.Module, loss_fn: Callable):
+def make_eval_step(
+  model: nn.Module, loss_fn: Callable, sharding_context: Callable = contextlib.nullcontext
+):
   """eval_step(params, batch) -> sums over the real (unmasked) rows of the batch."""
 
   def eval_step(params, batch):
-    logits_BxK = model.apply({"params": params}, images_to_float(batch["image"]), train=False)
+    with sharding_context():
+      logits_BxK = model.apply({"params": params}, images_to_float(batch["image"]), train=False)
     mask_B = batch["mask"].astype(jnp.float32)
     correct_B = (jnp.argmax(logits_BxK, -1) == batch["label"]).astype(jnp.float32)
     return {

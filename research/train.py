@@ -202,6 +202,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     )
 
   batch_sharding = parallel.batch_sharding(mesh, batch_axes)
+  activations = functools.partial(sharding.activation_context, mesh, config.sharding_rules)
   replicated = parallel.replicated(mesh)
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", config.max_to_keep)
   abstract = checkpoint.abstract_with_shardings(state_shape, state_sharding)
@@ -222,13 +223,14 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
       config.optimizer.l1_penalty,
       config.optimizer.l2_penalty,
       skip_nonfinite=config.nan_policy == "skip",
+      sharding_context=activations,
     ),
     in_shardings=(state_sharding, batch_sharding),
     out_shardings=(state_sharding, replicated),
     donate_argnums=(0,),
   )
   eval_step = jax.jit(
-    step_lib.make_eval_step(model, loss_fn),
+    step_lib.make_eval_step(model, loss_fn, activations),
     in_shardings=(state_sharding.params, batch_sharding),
     out_shardings=replicated,
   )

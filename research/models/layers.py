@@ -2,7 +2,15 @@
 
 Logical names used here: `embed` (input features of a dense layer), `mlp`
 (hidden features), `classes` (classifier outputs), `conv_in` / `conv_out`
-(convolution channels). The sharding rules in the config map them to mesh axes.
+(convolution channels), and `batch` on activations. The sharding rules in the
+config map them to mesh axes.
+
+Parameters get their shardings from the rules directly (research.sharding).
+Activations are pinned with `constrain` at layer outputs, as MaxText does, so
+the partitioner never guesses a layout between layers; it is a no-op outside
+the trainer's rules context (research.step.sharding_context). A mesh axis goes
+to the first rule that claims it (`batch` first), so an activation's `embed`
+stays unsharded where `batch` already uses `fsdp`.
 """
 
 from __future__ import annotations
@@ -29,9 +37,13 @@ def activation(name: str):
   return ACTIVATIONS[name]
 
 
-def dense(features: int, axes: tuple[str, str], dtype, name: str | None = None) -> nn.Dense:
-  """A Dense layer with kernel axes `axes` and bias axis `axes[1]`."""
-  return nn.Dense(
+def dense(features: int, axes: tuple[str, str], dtype, name: str | None = None):
+  """A Dense layer with kernel axes `axes` and bias axis `axes[1]`.
+
+  Returns x -> y with y constrained to (batch, ..., axes[1]); the parameters are
+  those of nn.Dense under `name`.
+  """
+  layer = nn.Dense(
     features,
     dtype=dtype,
     param_dtype=jnp.float32,
@@ -39,6 +51,17 @@ def dense(features: int, axes: tuple[str, str], dtype, name: str | None = None) 
     bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
     name=name,
   )
+
+  def apply(x: jax.Array) -> jax.Array:
+    y = layer(x)
+    return constrain(y, ("batch",) + (None,) * (y.ndim - 2) + (axes[1],))
+
+  return apply
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+  """Pins the sharding of activation `x` by logical axis names (one per dimension)."""
+  return nn.with_logical_constraint(x, axes)
 
 
 def im2col(x_BxHxWxC: jax.Array, kernel_size: int) -> jax.Array:
@@ -91,7 +114,8 @@ class Conv(nn.Module):
     patches_BxHxWxP = im2col(x_BxHxWxC, k)
     # Patches are ordered (kernel col j, kernel row i, C): match the kernel to it.
     kernel_PxF = kernel.transpose(1, 0, 2, 3).reshape(k * k * in_features, self.features)
-    return patches_BxHxWxP @ kernel_PxF + bias
+    y_BxHxWxF = patches_BxHxWxP @ kernel_PxF + bias
+    return constrain(y_BxHxWxF, ("batch", None, None, "conv_out"))
 
 
 def conv(features: int, kernel_size: int, padding: str, dtype, name: str | None = None) -> Conv:
