@@ -1,12 +1,17 @@
 """Orbax checkpoints of the train state, with the config and library versions beside it.
 
 Saves are asynchronous: the train loop continues while the arrays are written.
-`close()` waits for the last save (exiting with a save in flight hangs Orbax).
-Restore always goes into an abstract target built on the current mesh.
+`check()`, called every step, raises SaveFailed as soon as a background save
+has failed (a full disk, a lost mount), instead of at the next save; the failed
+step stays a temporary directory, which Orbax ignores, and earlier checkpoints
+are untouched. `close()` waits for the last save (exiting with a save in flight
+hangs Orbax). Restore always goes into an abstract target built on the current
+mesh.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -15,9 +20,15 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 
+class SaveFailed(RuntimeError):
+  """A checkpoint could not be written; the message names the step and the reason."""
+
+
 class Checkpointer:
   def __init__(self, directory: str | Path, max_to_keep: int):
     self.directory = Path(directory).absolute()
+    self._saving_step: int | None = None  # a save started and not yet seen to finish
+    self._failed = False
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
@@ -32,13 +43,41 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state, metadata: dict) -> None:
-    self.manager.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)
-      ),
-      force=True,
-    )
+    """Starts an asynchronous save of `state` at `step` (after the previous one finished)."""
+    self._finish()
+    self._saving_step = step
+    with self._failures_named(step):
+      self.manager.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)
+        ),
+        force=True,
+      )
+
+  def check(self) -> None:
+    """Raises SaveFailed if the save in flight has failed; costs microseconds."""
+    if self._saving_step is not None and not self.manager.is_saving_in_progress():
+      self._finish()
+
+  def _finish(self) -> None:
+    if self._saving_step is not None:
+      with self._failures_named(self._saving_step):
+        self.manager.wait_until_finished()
+      self._saving_step = None
+
+  @contextlib.contextmanager
+  def _failures_named(self, step: int):
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001  Orbax/TensorStore raise many types
+      self._saving_step, self._failed = None, True  # reported once
+      kept = [s for s in self.all_steps() if s != step]
+      raise SaveFailed(
+        f"checkpoint save at step {step} failed ({_reason(e)}); earlier checkpoints are "
+        f"intact (steps {kept or 'none'}) in {self.directory}; once the cause is fixed, "
+        "the same command resumes from the latest of them"
+      ) from e
 
   def restore(self, step: int, abstract_state):
     """Restores `state` at `step` onto the shardings that abstract_state carries."""
@@ -86,8 +125,21 @@ class Checkpointer:
     return restored["metadata"]
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self._finish()
+    finally:
+      if self._failed:  # reported once; Orbax would raise the same error again
+        with contextlib.suppress(Exception):
+          self.manager.close()
+      else:
+        self.manager.close()
+
+
+def _reason(error: Exception) -> str:
+  """The end of an Orbax/TensorStore error's first line: 'Failed to write ...: No space left'."""
+  line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  parts = line.split(": ")
+  return ": ".join(parts[-2:])[:300] if len(parts) > 2 else line[:300]
 
 
 def abstract_with_shardings(state_shape, shardings):

@@ -256,6 +256,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     for step in range(start_step, total_steps):
       batch = parallel.global_batch(train_loader(step), batch_sharding)
       state, step_metrics = train_step(state, batch)
+      ckpt.check()  # a failed background save stops the run here, not at the next save
       pending.append(step_metrics)
       done = step + 1
       if step == start_step:
@@ -314,14 +315,25 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
 
 
 class _QuietLibraries(logging_std.Filter):
-  """Drops the INFO chatter of Orbax, TFDS and JAX internals; their warnings still show."""
+  """Drops the INFO chatter of Orbax, TFDS and JAX internals; their warnings still show.
+
+  Orbax's errors keep their message but lose the traceback (one per background
+  thread, ~100 lines each) unless --verbose: the run reports the failure itself.
+  The failed save's leftover asyncio futures ("exception was never retrieved")
+  are dropped for the same reason.
+  """
 
   NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/", "/etils/")
 
   def filter(self, record):
-    return record.levelno >= logging_std.WARNING or not any(
-      n in record.pathname for n in self.NOISY
-    )
+    if _VERBOSE.value:
+      return True
+    if record.name == "asyncio" and "orbax-checkpoint-tmp" in record.getMessage():
+      return False
+    noisy = any(n in record.pathname for n in self.NOISY)
+    if noisy and record.exc_info and "/orbax/" in record.pathname:
+      record.exc_info, record.exc_text = None, None
+    return record.levelno >= logging_std.WARNING or not noisy
 
 
 def main(argv):
@@ -339,9 +351,15 @@ def main(argv):
     if _VERBOSE.value:
       raise
     return _usage_error(str(e))
-  except TrainingHalted as e:
+  except (TrainingHalted, _save_failed()) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+
+
+def _save_failed():
+  from research.checkpoint import SaveFailed  # imports Orbax, which the run has loaded
+
+  return SaveFailed
 
 
 def _data_error():

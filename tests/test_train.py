@@ -217,3 +217,37 @@ def test_damaged_checkpoint_is_moved_aside_and_the_run_falls_back(config, tmp_pa
     __import__("jax").tree.leaves(params_a), __import__("jax").tree.leaves(params_b), strict=True
   ):
     np.testing.assert_array_equal(a, b)  # resumed from step 60: still bitwise
+
+
+def test_full_disk_during_a_save_stops_the_run_and_keeps_earlier_checkpoints(config, tmp_path):
+  """The step-120 save fails in Orbax's background thread (EFBIG, as ENOSPC on a full disk)."""
+  import subprocess
+  import sys
+
+  base = [
+    "--config=experiments/mnist_mlp.py", f"--workdir={tmp_path}",
+    f"--config.data.data_dir={config.data.data_dir}",
+    f"--config.data.raw_dir={config.data.raw_dir}", "--config.model.widths=(32,)",
+    "--config.num_train_steps=240", "--config.checkpoint_every_steps=60",
+    "--config.log_every_steps=60", "--config.eval_batch_size=1000",
+  ]  # fmt: skip
+  env = dict(__import__("os").environ, PYTHONPATH=str(config_lib.REPO_ROOT))
+  full = subprocess.run(
+    [sys.executable, "tests/helpers/full_disk.py", "120", "20000", *base],
+    cwd=config_lib.REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert full.returncode == 1, full.stderr[-3000:]
+  last = full.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: checkpoint save at step 120 failed ("), last
+  assert "File too large" in last and "earlier checkpoints are intact (steps [60])" in last
+  assert "Traceback" not in full.stderr  # Orbax's thread tracebacks only with --verbose
+  names = {p.name for p in (tmp_path / "checkpoints").iterdir()}
+  assert names == {"60", "120.orbax-checkpoint-tmp"}, names  # stopped before the step-180 save
+  # Disk space back: the same command resumes from step 60 and finishes.
+  resumed = subprocess.run(
+    [sys.executable, "-m", "research.train", *base],
+    cwd=config_lib.REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from checkpoint at step 60" in resumed.stderr
+  assert _final_params(tmp_path)[0] == 240
