@@ -23,7 +23,11 @@ class MetricWriter:
     if enabled:
       from tensorboardX import SummaryWriter  # lazy: only the writing process needs it
 
-      self._jsonl = open(Path(workdir) / "metrics.jsonl", "a")
+      path = Path(workdir) / "metrics.jsonl"
+      torn = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+      self._jsonl = open(path, "a")
+      if torn:  # a kill mid-write left half a line: start the next record on its own line
+        self._jsonl.write("\n")
       self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
   def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
@@ -44,8 +48,23 @@ class MetricWriter:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+  """The records of a metrics.jsonl, one per (split, step), in step order of first writing.
+
+  A resumed run logs again the steps after its checkpoint (bitwise the same
+  values); the later record wins. A line torn by a kill is skipped with a warning.
+  """
+  records: dict[tuple[str, int], dict] = {}
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        logging.warning("%s:%d: skipping a torn line (a kill mid-write)", path, number)
+        continue
+      records[(record["split"], record["step"])] = record
+  return list(records.values())
 
 
 class Progress:

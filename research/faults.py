@@ -1,0 +1,232 @@
+"""Fault injection: interrupt a training run at random moments, resume it, and check the end.
+
+    python -m research.faults --config=experiments/mnist_mlp.py --workdir=runs/faults \
+        --trials=10 [--soak] [--config.num_train_steps=300 ...]
+
+First one uninterrupted reference run. Then each trial kills a fresh run with
+SIGKILL at a moment drawn uniformly over the reference's wall time (start-up
+included; `--window=0.5,1` draws from its second half only), re-runs the same
+command until it finishes, and compares the final train state (every array of
+params, optimizer state and step) bitwise, and the final evaluation exactly,
+with the reference. `--soak` interrupts each trial
+1-3 times with SIGKILL or SIGTERM and, between runs, damages the newest
+checkpoint half of the time (its array files truncated, as a dying disk
+would), which the next run must move aside and fall back past.
+
+Every other argument (`--config=...`, `--config.a.b=v`) goes to each
+`python -m research.train` unchanged. The report goes to WORKDIR/report.json and
+WORKDIR/report.md (and `--results=FILE.md`); exit code 0 only if every trial is
+identical. Runs on one host; `research.train` itself is the thing under test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from research import config as config_lib
+
+
+def train_command(train_args: list[str], workdir: Path) -> list[str]:
+  return [sys.executable, "-m", "research.train", *train_args, f"--workdir={workdir}"]
+
+
+def run_once(command, log: Path, interrupt: str | None = None, at_s: float = 0.0) -> dict:
+  """Runs `command`; with `interrupt`, sends that signal `at_s` seconds after the start."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(
+    filter(None, [str(config_lib.REPO_ROOT), env.get("PYTHONPATH")])
+  )
+  start = time.perf_counter()
+  with open(log, "a") as out:
+    out.write(f"\n### {' '.join(command)}  (interrupt: {interrupt} at {at_s:.1f}s)\n")
+    out.flush()
+    process = subprocess.Popen(command, stdout=out, stderr=out, env=env)
+    sent = False
+    if interrupt:
+      try:
+        process.wait(timeout=at_s)
+      except subprocess.TimeoutExpired:
+        process.send_signal(getattr(signal, interrupt))
+        sent = True
+    code = process.wait()
+  return {
+    "interrupt": interrupt,
+    "at_s": round(at_s, 2),
+    "sent": sent,
+    "exit_code": code,
+    "wall_s": round(time.perf_counter() - start, 2),
+  }
+
+
+def finished_steps(workdir: Path) -> list[int]:
+  directory = workdir / "checkpoints"
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def damage_newest_checkpoint(workdir: Path) -> int | None:
+  """Truncates the array files of the newest finished checkpoint; returns its step."""
+  steps = finished_steps(workdir)
+  if not steps:
+    return None
+  for path in (workdir / "checkpoints" / str(steps[-1])).rglob("*"):
+    if path.is_file() and path.parent.name == "d":  # OCDBT data files
+      path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+  return steps[-1]
+
+
+def final_result(workdir: Path) -> tuple[int, dict, dict]:
+  """(step, state arrays, final evaluation metrics) of a finished run."""
+  from research import checkpoint
+  from research.metrics import read_jsonl
+
+  step, arrays = checkpoint.read_state(workdir / "checkpoints")
+  config = json.loads((workdir / "config.json").read_text())
+  split = config["config"]["data"]["eval_split"]
+  evals = [r for r in read_jsonl(workdir / "metrics.jsonl") if r["split"] == split]
+  return step, arrays, (evals[-1]["metrics"] if evals else {})
+
+
+def compare(reference, trial) -> tuple[bool, str]:
+  """Bitwise comparison of two final_result()s; (identical, one line saying how)."""
+  import numpy as np
+
+  (step_a, arrays_a, eval_a), (step_b, arrays_b, eval_b) = reference, trial
+  if step_a != step_b:
+    return False, f"final step {step_b} != {step_a}"
+  if arrays_a.keys() != arrays_b.keys():
+    return False, f"state arrays differ: {sorted(arrays_a.keys() ^ arrays_b.keys())}"
+  same = lambda a, b: a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+  differing = [name for name in arrays_a if not same(arrays_a[name], arrays_b[name])]
+  if differing:
+    worst = max(
+      float(np.max(np.abs(arrays_a[n].astype(np.float64) - arrays_b[n].astype(np.float64))))
+      for n in differing
+    )
+    return False, f"{len(differing)}/{len(arrays_a)} arrays differ (max abs {worst:.3g})"
+  if eval_a != eval_b:
+    return False, f"final evaluation differs: {eval_b} != {eval_a}"
+  return True, f"bitwise identical ({len(arrays_a)}/{len(arrays_a)} arrays, final evaluation equal)"
+
+
+def run_trial(index: int, args, train_args, reference, reference_wall_s: float) -> dict:
+  rng = random.Random(args.seed * 100_003 + index)
+  workdir = Path(args.workdir) / f"trial_{index}"
+  log = Path(args.workdir) / f"trial_{index}.log"
+  command = train_command(train_args, workdir)
+  events = []
+  for _ in range(rng.randint(1, 3) if args.soak else 1):
+    interrupt = rng.choice(["SIGKILL", "SIGTERM"]) if args.soak else "SIGKILL"
+    start, end = args.window
+    event = run_once(command, log, interrupt, rng.uniform(start, end) * reference_wall_s)
+    event["checkpoints_after"] = finished_steps(workdir)
+    if args.soak and event["sent"] and rng.random() < 0.5:
+      event["damaged_step"] = damage_newest_checkpoint(workdir)
+    events.append(event)
+  last = run_once(command, log)
+  events.append(last)
+  if last["exit_code"] != 0:
+    return {"trial": index, "identical": False, "events": events, "how": "final run failed"}
+  identical, how = compare(reference, final_result(workdir))
+  return {"trial": index, "identical": identical, "how": how, "events": events}
+
+
+def describe(trial: dict) -> str:
+  parts = []
+  for event in trial["events"][:-1]:
+    if not event["sent"]:
+      parts.append(f"finished before the {event['interrupt']} due at {event['at_s']}s")
+      continue
+    saved = event["checkpoints_after"]
+    text = (
+      f"{event['interrupt']} at {event['at_s']}s (checkpoints: {saved[-1] if saved else 'none'})"
+    )
+    if event.get("damaged_step") is not None:
+      text += f", damaged step {event['damaged_step']}"
+    parts.append(text)
+  return f"trial {trial['trial']}: {'; '.join(parts)} -> {trial['how']}"
+
+
+def write_report(args, train_args, reference_wall_s, trials, versions) -> str:
+  passed = sum(t["identical"] for t in trials)
+  mode = "soak (SIGKILL/SIGTERM, damaged checkpoints)" if args.soak else "SIGKILL"
+  lines = [
+    f"# Fault injection: {passed}/{len(trials)} trials bitwise identical",
+    "",
+    f"- mode: {mode}; seed {args.seed}; {datetime.datetime.now().isoformat(timespec='seconds')}",
+    f"- command: `python -m research.faults {' '.join(sys.argv[1:])}`",
+    f"- train arguments: `{' '.join(train_args)}`",
+    f"- reference run: {reference_wall_s:.1f} s uninterrupted",
+    f"- versions: {', '.join(f'{k} {v}' for k, v in versions.items())}",
+    "",
+    *[f"- {describe(t)}" for t in trials],
+    "",
+  ]
+  text = "\n".join(lines)
+  root = Path(args.workdir)
+  (root / "report.md").write_text(text)
+  (root / "report.json").write_text(
+    json.dumps({"passed": passed, "trials": trials, "versions": versions}, indent=1)
+  )
+  if args.results:
+    Path(args.results).write_text(text)
+  return text
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir", required=True, help="empty or new directory for all runs")
+  parser.add_argument("--trials", type=int, default=10)
+  parser.add_argument("--soak", action="store_true")
+  parser.add_argument("--seed", type=int, default=0, help="draws the interruption moments")
+  parser.add_argument(
+    "--window",
+    type=lambda text: tuple(float(x) for x in text.split(",")),
+    default=(0.0, 1.0),
+    help="START,END: interrupt between these fractions of the reference's wall time",
+  )
+  parser.add_argument("--results", default="", help="also write the report to this .md file")
+  args, train_args = parser.parse_known_args(argv)
+  unknown = [a for a in train_args if not a.startswith("--config")]
+  if unknown or not any(a.startswith("--config=") for a in train_args):
+    parser.error(
+      f"pass --config=FILE and --config.* overrides only; got {unknown or 'no --config'}"
+    )
+  root = Path(args.workdir)
+  if root.exists() and any(root.iterdir()):
+    print(
+      f"error: --workdir={root} is not empty; fault injection needs fresh runs", file=sys.stderr
+    )
+    return 2
+  root.mkdir(parents=True, exist_ok=True)
+
+  reference_dir = root / "reference"
+  first = run_once(train_command(train_args, reference_dir), root / "reference.log")
+  if first["exit_code"] != 0:
+    print(f"error: the reference run failed; see {root / 'reference.log'}", file=sys.stderr)
+    return 1
+  print(f"reference run: {first['wall_s']:.1f} s", flush=True)
+  reference = final_result(reference_dir)
+  trials = []
+  for index in range(1, args.trials + 1):
+    trials.append(run_trial(index, args, train_args, reference, first["wall_s"]))
+    print(describe(trials[-1]), flush=True)
+
+  from research.versions import versions
+
+  print(write_report(args, train_args, first["wall_s"], trials, versions()))
+  return 0 if all(t["identical"] for t in trials) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
