@@ -4,14 +4,14 @@
         --trials=10 [--soak] [--config.num_train_steps=300 ...]
 
 First one uninterrupted reference run. Then each trial kills a fresh run with
-SIGKILL at a moment drawn uniformly over the reference's wall time (start-up
-included; `--window=0.5,1` draws from its second half only), re-runs the same
-command until it finishes, and compares the final train state (every array of
-params, optimizer state and step) bitwise, and the final evaluation exactly,
-with the reference. `--soak` interrupts each trial
-1-3 times with SIGKILL or SIGTERM and, between runs, damages the newest
-checkpoint half of the time (its array files truncated, as a dying disk
-would), which the next run must move aside and fall back past.
+SIGKILL at a moment drawn uniformly over the reference's wall time, start-up
+included (`--after_startup`: over the time after the data load; `--window=0.5,1`:
+over the second half only), re-runs the same command until it finishes, and
+compares the final train state (every array of params, optimizer state and
+step) bitwise, and the final evaluation exactly, with the reference. `--soak`
+interrupts each trial 1-3 times with SIGKILL or SIGTERM and, between runs,
+damages the newest checkpoint half of the time (its array files truncated, as a
+dying disk would), which the next run must move aside and fall back past.
 
 Every other argument (`--config=...`, `--config.a.b=v`) goes to each
 `python -m research.train` unchanged. The report goes to WORKDIR/report.json and
@@ -39,17 +39,30 @@ def train_command(train_args: list[str], workdir: Path) -> list[str]:
   return [sys.executable, "-m", "research.train", *train_args, f"--workdir={workdir}"]
 
 
-def run_once(command, log: Path, interrupt: str | None = None, at_s: float = 0.0) -> dict:
-  """Runs `command`; with `interrupt`, sends that signal `at_s` seconds after the start."""
+# Logged by research.train once the data is loaded: the start of "training" for --after_startup.
+STARTUP_DONE = "[TIMING] data load"
+
+
+def run_once(
+  command, log: Path, interrupt: str | None = None, at_s: float = 0.0, after_startup=False
+) -> dict:
+  """Runs `command`; with `interrupt`, sends that signal `at_s` seconds after the start
+  (after the data is loaded, with `after_startup`)."""
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(
     filter(None, [str(config_lib.REPO_ROOT), env.get("PYTHONPATH")])
   )
-  start = time.perf_counter()
   with open(log, "a") as out:
     out.write(f"\n### {' '.join(command)}  (interrupt: {interrupt} at {at_s:.1f}s)\n")
     out.flush()
+    offset = out.tell()
+    start = time.perf_counter()
     process = subprocess.Popen(command, stdout=out, stderr=out, env=env)
+    startup_s = None
+    if after_startup:
+      while process.poll() is None and STARTUP_DONE not in _read_from(log, offset):
+        time.sleep(0.05)
+      startup_s = time.perf_counter() - start
     sent = False
     if interrupt:
       try:
@@ -61,10 +74,18 @@ def run_once(command, log: Path, interrupt: str | None = None, at_s: float = 0.0
   return {
     "interrupt": interrupt,
     "at_s": round(at_s, 2),
+    "after_startup": after_startup,
     "sent": sent,
     "exit_code": code,
+    "startup_s": None if startup_s is None else round(startup_s, 2),
     "wall_s": round(time.perf_counter() - start, 2),
   }
+
+
+def _read_from(path: Path, offset: int) -> str:
+  with open(path, errors="replace") as f:
+    f.seek(offset)
+    return f.read()
 
 
 def finished_steps(workdir: Path) -> list[int]:
@@ -119,7 +140,7 @@ def compare(reference, trial) -> tuple[bool, str]:
   return True, f"bitwise identical ({len(arrays_a)}/{len(arrays_a)} arrays, final evaluation equal)"
 
 
-def run_trial(index: int, args, train_args, reference, reference_wall_s: float) -> dict:
+def run_trial(index: int, args, train_args, reference, span_s: float) -> dict:
   rng = random.Random(args.seed * 100_003 + index)
   workdir = Path(args.workdir) / f"trial_{index}"
   log = Path(args.workdir) / f"trial_{index}.log"
@@ -128,7 +149,8 @@ def run_trial(index: int, args, train_args, reference, reference_wall_s: float) 
   for _ in range(rng.randint(1, 3) if args.soak else 1):
     interrupt = rng.choice(["SIGKILL", "SIGTERM"]) if args.soak else "SIGKILL"
     start, end = args.window
-    event = run_once(command, log, interrupt, rng.uniform(start, end) * reference_wall_s)
+    at_s = rng.uniform(start, end) * span_s
+    event = run_once(command, log, interrupt, at_s, after_startup=args.after_startup)
     event["checkpoints_after"] = finished_steps(workdir)
     if args.soak and event["sent"] and rng.random() < 0.5:
       event["damaged_step"] = damage_newest_checkpoint(workdir)
@@ -145,7 +167,7 @@ def describe(trial: dict) -> str:
   parts = []
   for event in trial["events"][:-1]:
     if not event["sent"]:
-      parts.append(f"finished before the {event['interrupt']} due at {event['at_s']}s")
+      parts.append(f"finished before the {event['interrupt']} due at {event['at_s']}s (no kill)")
       continue
     saved = event["checkpoints_after"]
     text = (
@@ -157,16 +179,18 @@ def describe(trial: dict) -> str:
   return f"trial {trial['trial']}: {'; '.join(parts)} -> {trial['how']}"
 
 
-def write_report(args, train_args, reference_wall_s, trials, versions) -> str:
+def write_report(args, argv, train_args, reference, trials, versions) -> str:
   passed = sum(t["identical"] for t in trials)
   mode = "soak (SIGKILL/SIGTERM, damaged checkpoints)" if args.soak else "SIGKILL"
   lines = [
     f"# Fault injection: {passed}/{len(trials)} trials bitwise identical",
     "",
     f"- mode: {mode}; seed {args.seed}; {datetime.datetime.now().isoformat(timespec='seconds')}",
-    f"- command: `python -m research.faults {' '.join(sys.argv[1:])}`",
+    f"- command: `python -m research.faults {' '.join(argv)}`",
     f"- train arguments: `{' '.join(train_args)}`",
-    f"- reference run: {reference_wall_s:.1f} s uninterrupted",
+    f"- reference run: {reference['wall_s']:.1f} s uninterrupted, of which start-up "
+    f"(imports, data load) {reference['startup_s']:.1f} s; interruptions drawn over "
+    f"{'the rest' if args.after_startup else 'all of it'} (window {args.window})",
     f"- versions: {', '.join(f'{k} {v}' for k, v in versions.items())}",
     "",
     *[f"- {describe(t)}" for t in trials],
@@ -196,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     help="START,END: interrupt between these fractions of the reference's wall time",
   )
   parser.add_argument("--results", default="", help="also write the report to this .md file")
+  parser.add_argument(
+    "--after_startup",
+    action="store_true",
+    help="draw interruption moments from the end of start-up (data loaded) instead of launch",
+  )
+  argv = sys.argv[1:] if argv is None else argv
   args, train_args = parser.parse_known_args(argv)
   unknown = [a for a in train_args if not a.startswith("--config")]
   if unknown or not any(a.startswith("--config=") for a in train_args):
@@ -211,20 +241,23 @@ def main(argv: list[str] | None = None) -> int:
   root.mkdir(parents=True, exist_ok=True)
 
   reference_dir = root / "reference"
-  first = run_once(train_command(train_args, reference_dir), root / "reference.log")
+  first = run_once(
+    train_command(train_args, reference_dir), root / "reference.log", after_startup=True
+  )
   if first["exit_code"] != 0:
     print(f"error: the reference run failed; see {root / 'reference.log'}", file=sys.stderr)
     return 1
-  print(f"reference run: {first['wall_s']:.1f} s", flush=True)
+  print(f"reference run: {first['wall_s']:.1f} s ({first['startup_s']:.1f} s start-up)")
+  span_s = first["wall_s"] - (first["startup_s"] if args.after_startup else 0.0)
   reference = final_result(reference_dir)
   trials = []
   for index in range(1, args.trials + 1):
-    trials.append(run_trial(index, args, train_args, reference, first["wall_s"]))
+    trials.append(run_trial(index, args, train_args, reference, span_s))
     print(describe(trials[-1]), flush=True)
 
   from research.versions import versions
 
-  print(write_report(args, train_args, first["wall_s"], trials, versions()))
+  print(write_report(args, argv, train_args, first, trials, versions()))
   return 0 if all(t["identical"] for t in trials) else 1
 
 
