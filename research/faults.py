@@ -191,7 +191,7 @@ def write_report(args, argv, train_args, reference, trials, versions) -> str:
     f"- reference run: {reference['wall_s']:.1f} s uninterrupted, of which start-up "
     f"(imports, data load) {reference['startup_s']:.1f} s; interruptions drawn over "
     f"{'the rest' if args.after_startup else 'all of it'} (window {args.window})",
-    f"- versions: {', '.join(f'{k} {v}' for k, v in versions.items())}",
+    f"- versions: {', '.join(f'{k} {v}' for k, v in versions.items())}; code: {_commit()}",
     "",
     *[f"- {describe(t)}" for t in trials],
     "",
@@ -205,6 +205,21 @@ def write_report(args, argv, train_args, reference, trials, versions) -> str:
   if args.results:
     Path(args.results).write_text(text)
   return text
+
+
+def _commit() -> str:
+  """The git commit of the code under test (runs must not see a changing working tree)."""
+  try:
+    head = subprocess.run(
+      ["git", "rev-parse", "HEAD"], cwd=config_lib.REPO_ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+      ["git", "status", "--porcelain", "research"], cwd=config_lib.REPO_ROOT,
+      capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+  except OSError:
+    return "unknown (no git)"
+  return f"{head or 'unknown'}{' + uncommitted changes in research/' if dirty else ''}"
 
 
 def main(argv: list[str] | None = None) -> int:
