@@ -25,7 +25,7 @@ DTYPES = ("float32", "bfloat16")
 NAN_POLICIES = ("halt", "skip")
 MESH_AXES = ("data", "fsdp", "model")
 # Model arguments the trainer fills in itself (from the dataset and config.dtype).
-DERIVED_MODEL_KEYS = ("num_classes", "dtype")
+DERIVED_MODEL_KEYS = ("num_classes", "vocab_size", "dtype")  # set from the data and config
 
 
 class ConfigError(ValueError):
@@ -43,6 +43,7 @@ def base() -> ml_collections.ConfigDict:
       data_dir="",  # TFDS data_dir; "" uses $TFDS_DATA_DIR or ~/tensorflow_datasets
       train_split="train",
       eval_split="test",
+      seq_len=0,  # text datasets: tokens per training example (image datasets: unused, 0)
     )
   )
   config.model = ml_collections.ConfigDict(dict(name="softmax_regression"))

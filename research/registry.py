@@ -68,7 +68,7 @@ class Registry:
 
 
 models = Registry("model", ("research.models",))
-datasets = Registry("dataset", ("research.data.sources",))
+datasets = Registry("dataset", ("research.data.sources", "research.data.text"))
 optimizers = Registry("optimizer", ("research.optim",))
 schedules = Registry("schedule", ("research.optim",))
 losses = Registry("loss", ("research.losses",))

@@ -1,6 +1,12 @@
 """The train state and the pure train and eval steps (no I/O; jitted by the trainer).
 
-Shapes: B batch, H height, W width, C channels, K classes.
+A batch is {"inputs", "targets"} (and "mask" in evaluation). Images come as
+uint8 and become float32 in [0, 1] on the device; token ids pass unchanged.
+Targets are labels (B,) or next tokens (B, L): losses and accuracy are per
+target, averaged over every target of the batch, and in evaluation summed per
+example as the mean over its targets.
+
+Shapes: B batch, L length, K classes (or vocabulary), ... any trailing target axes.
 """
 
 from __future__ import annotations
@@ -27,17 +33,23 @@ class TrainState:
   opt_state: Any
 
 
-def images_to_float(images_BxHxWxC: jax.Array) -> jax.Array:
-  """uint8 [0, 255] -> float32 [0, 1], on the device (keeps host transfers small)."""
-  return images_BxHxWxC.astype(jnp.float32) / 255.0
+def model_inputs(inputs: jax.Array) -> jax.Array:
+  """uint8 images [0, 255] -> float32 [0, 1], on the device (keeps host transfers small);
+  anything else (token ids) unchanged."""
+  if inputs.dtype == jnp.uint8:
+    return inputs.astype(jnp.float32) / 255.0
+  return inputs
 
 
 def init_state(
-  model: nn.Module, tx: optax.GradientTransformation, params_key, image_shape, boxed=False
+  model: nn.Module, tx: optax.GradientTransformation, params_key, example_inputs, boxed=False
 ):
-  """A fresh TrainState; `boxed=True` keeps the logical axis names (for jax.eval_shape)."""
-  dummy_1xHxWxC = jnp.zeros((1, *image_shape), jnp.float32)
-  variables = model.init({"params": params_key}, dummy_1xHxWxC, train=False)
+  """A fresh TrainState; `boxed=True` keeps the logical axis names (for jax.eval_shape).
+
+  `example_inputs`: one example's inputs with a batch axis of 1 (shape and dtype matter).
+  """
+  dummy = model_inputs(jnp.zeros(example_inputs.shape, example_inputs.dtype))
+  variables = model.init({"params": params_key}, dummy, train=False)
   params = variables["params"] if boxed else nn.meta.unbox(variables["params"])
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
@@ -63,18 +75,18 @@ def make_train_step(
 
   def train_step(state: TrainState, batch):
     dropout_rng = jax.random.fold_in(dropout_key, state.step)
-    images_BxHxWxC = images_to_float(batch["image"])
+    inputs = model_inputs(batch["inputs"])
 
     def objective(params):
       with sharding_context():
-        logits_BxK = model.apply(
-          {"params": params}, images_BxHxWxC, train=True, rngs={"dropout": dropout_rng}
+        logits_Bx_xK = model.apply(
+          {"params": params}, inputs, train=True, rngs={"dropout": dropout_rng}
         )
-      data_loss = jnp.mean(loss_fn(logits_BxK, batch["label"]))
+      data_loss = jnp.mean(loss_fn(logits_Bx_xK, batch["targets"]))
       total = data_loss + optim.penalty(params, l1_penalty, l2_penalty)
-      return total, (data_loss, logits_BxK)
+      return total, (data_loss, logits_Bx_xK)
 
-    (total, (data_loss, logits_BxK)), grads = jax.value_and_grad(objective, has_aux=True)(
+    (total, (data_loss, logits_Bx_xK)), grads = jax.value_and_grad(objective, has_aux=True)(
       state.params
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -90,7 +102,7 @@ def make_train_step(
       "nonfinite": 1.0 - finite.astype(jnp.float32),
       "loss": data_loss,
       "total_loss": total,
-      "accuracy": jnp.mean(jnp.argmax(logits_BxK, -1) == batch["label"]),
+      "accuracy": jnp.mean(jnp.argmax(logits_Bx_xK, -1) == batch["targets"]),
       "grad_norm": optax.global_norm(grads),
       "learning_rate": schedule(state.step),
     }
@@ -106,11 +118,13 @@ def make_eval_step(
 
   def eval_step(params, batch):
     with sharding_context():
-      logits_BxK = model.apply({"params": params}, images_to_float(batch["image"]), train=False)
+      logits_Bx_xK = model.apply({"params": params}, model_inputs(batch["inputs"]), train=False)
+    targets_Bx_ = batch["targets"]
+    per_example = lambda x: x.reshape(x.shape[0], -1).mean(-1)  # noqa: E731  over L, ...
     mask_B = batch["mask"].astype(jnp.float32)
-    correct_B = (jnp.argmax(logits_BxK, -1) == batch["label"]).astype(jnp.float32)
+    correct_B = per_example((jnp.argmax(logits_Bx_xK, -1) == targets_Bx_).astype(jnp.float32))
     return {
-      "loss_sum": jnp.sum(loss_fn(logits_BxK, batch["label"]) * mask_B),
+      "loss_sum": jnp.sum(per_example(loss_fn(logits_Bx_xK, targets_Bx_)) * mask_B),
       "correct": jnp.sum(correct_B * mask_B),
       "count": jnp.sum(mask_B),
     }

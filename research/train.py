@@ -114,7 +114,8 @@ def halt_if_nonfinite(pending_metrics: list[dict], flags, first_step: int) -> No
 
 
 def evaluate(eval_step, params, arrays, eval_batch_size, sharding, process_index, process_count):
-  """Mean loss and accuracy over every example of `arrays`, each visited exactly once."""
+  """Mean loss and accuracy over every example of `arrays`, each visited exactly once;
+  with next-token targets also perplexity and bits per token (character, for char LMs)."""
   import jax
 
   from research import parallel
@@ -125,11 +126,15 @@ def evaluate(eval_step, params, arrays, eval_batch_size, sharding, process_index
     sums = eval_step(params, parallel.global_batch(local, sharding))
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   totals = {k: float(v) for k, v in jax.device_get(totals).items()}
-  assert totals["count"] == len(arrays["label"]), (totals["count"], len(arrays["label"]))
-  return {
+  assert totals["count"] == len(arrays["targets"]), (totals["count"], len(arrays["targets"]))
+  metrics = {
     "loss": totals["loss_sum"] / totals["count"],
     "accuracy": totals["correct"] / totals["count"],
   }
+  if arrays["targets"].ndim > 1:  # every example has the same number of targets
+    metrics["perplexity"] = math.exp(metrics["loss"])
+    metrics["bits_per_token"] = metrics["loss"] / math.log(2)
+  return metrics
 
 
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
@@ -144,7 +149,6 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   from research import checkpoint, optim, parallel, sharding
   from research import metrics as metrics_lib
   from research import step as step_lib
-  from research.data import loader
   from research.preemption import PreemptionWatcher
   from research.versions import versions
 
@@ -172,15 +176,14 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
 
   model_kwargs = {k: v for k, v in config.model.items() if k != "name"}
   model = registry.models.get(config.model.name)(
-    **model_kwargs, num_classes=dataset.num_classes, dtype=config.dtype
+    **model_kwargs, **dataset.model_kwargs, dtype=config.dtype
   )
   loss_kwargs = {k: v for k, v in config.loss.items() if k != "name"}
   loss_fn = registry.losses.get(config.loss.name)(**loss_kwargs)
   tx, schedule = optim.make_optimizer(config.optimizer, config.schedule, total_steps)
 
-  image_shape = dataset.train["image"].shape[1:]
   init = functools.partial(
-    step_lib.init_state, model, tx, rng_for(config.seed, "params"), image_shape
+    step_lib.init_state, model, tx, rng_for(config.seed, "params"), dataset.eval["inputs"][:1]
   )
   state_shape, state_sharding, sharding_rows = sharding.state_shardings(
     jax.eval_shape(functools.partial(init, boxed=True)), mesh, config.sharding_rules
@@ -243,8 +246,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     process_index,
     process_count,
   )
-  train_loader = loader.StepLoader(
-    dataset.train, config.global_batch_size, config.seed, process_index, process_count
+  train_loader = dataset.train_loader(
+    config.global_batch_size, config.seed, process_index, process_count
   )
   writer = metrics_lib.MetricWriter(workdir, enabled=process_index == 0)
   metadata = {"config": config.to_dict(), "versions": versions()}

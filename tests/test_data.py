@@ -11,11 +11,11 @@ from research.data import sources
 
 
 def test_mnist_is_prepared_by_tfds_from_the_original_files(mnist):
-  assert mnist.train["image"].shape == (60000, 28, 28, 1)
-  assert mnist.eval["image"].shape == (10000, 28, 28, 1)
-  assert mnist.train["image"].dtype == np.uint8 and mnist.train["label"].dtype == np.int32
+  assert mnist.train["inputs"].shape == (60000, 28, 28, 1)
+  assert mnist.eval["inputs"].shape == (10000, 28, 28, 1)
+  assert mnist.train["inputs"].dtype == np.uint8 and mnist.train["targets"].dtype == np.int32
   assert mnist.num_classes == 10
-  assert np.bincount(mnist.eval["label"]).tolist()[:3] == [980, 1135, 1032]  # the real test set
+  assert np.bincount(mnist.eval["targets"]).tolist()[:3] == [980, 1135, 1032]  # the real test set
 
 
 def test_mnist_and_fashion_mnist_prepared_side_by_side_stay_apart(mnist, tfds_data_dir):
@@ -28,11 +28,11 @@ def test_mnist_and_fashion_mnist_prepared_side_by_side_stay_apart(mnist, tfds_da
   data_config.data_dir = tfds_data_dir
   fashion = registry.datasets.get("fashion_mnist")(data_config)
   # Fashion-MNIST is balanced: 6,000 train and 1,000 test images per class.
-  assert np.bincount(fashion.train["label"]).tolist() == [6000] * 10
-  assert np.bincount(fashion.eval["label"]).tolist() == [1000] * 10
-  assert np.bincount(mnist.train["label"]).tolist()[:2] == [5923, 6742]
+  assert np.bincount(fashion.train["targets"]).tolist() == [6000] * 10
+  assert np.bincount(fashion.eval["targets"]).tolist() == [1000] * 10
+  assert np.bincount(mnist.train["targets"]).tolist()[:2] == [5923, 6742]
   # And the images are not MNIST's: mean pixel 72.9 (Fashion) vs 33.3 (MNIST) on train.
-  assert 70 < fashion.train["image"].mean() < 76 and 31 < mnist.train["image"].mean() < 35
+  assert 70 < fashion.train["inputs"].mean() < 76 and 31 < mnist.train["inputs"].mean() < 35
 
 
 def _raw_copy(mnist_raw_dir, tmp_path):

@@ -171,7 +171,7 @@ def test_skip_policy_drops_the_nonfinite_update_and_counts_it():
   base_loss = registry.losses.get("softmax_xent")()
   # A loss that is NaN whenever a label is 0: a deterministic bad batch.
   loss_fn = lambda logits, labels: jnp.where(labels == 0, jnp.nan, base_loss(logits, labels))
-  state = step_lib.init_state(model, tx, jax.random.key(0), (2, 2, 1))
+  state = step_lib.init_state(model, tx, jax.random.key(0), np.zeros((1, 2, 2, 1), np.uint8))
   train_step = jax.jit(
     step_lib.make_train_step(
       model, tx, loss_fn, lambda s: 0.1, jax.random.key(1), skip_nonfinite=True
@@ -179,8 +179,8 @@ def test_skip_policy_drops_the_nonfinite_update_and_counts_it():
   )
   image = jnp.full((4, 2, 2, 1), 200, jnp.uint8)
   bad, good = (
-    {"image": image, "label": jnp.zeros(4, jnp.int32)},
-    {"image": image, "label": jnp.ones(4, jnp.int32)},
+    {"inputs": image, "targets": jnp.zeros(4, jnp.int32)},
+    {"inputs": image, "targets": jnp.ones(4, jnp.int32)},
   )
   after_bad, metrics = train_step(state, bad)
   assert float(metrics["nonfinite"]) == 1.0 and int(after_bad.step) == 1

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from research import registry
+from research.data import loader
 
 
 class DataError(ValueError):
@@ -25,7 +26,7 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ArrayDataset:
-  """A dataset small enough to hold in memory: splits of numpy arrays."""
+  """A dataset small enough to hold in memory: splits of {"inputs", "targets"} arrays."""
 
   train: dict[str, np.ndarray]
   eval: dict[str, np.ndarray]
@@ -33,7 +34,15 @@ class ArrayDataset:
 
   @property
   def num_train_examples(self) -> int:
-    return len(self.train["label"])
+    return len(self.train["targets"])
+
+  @property
+  def model_kwargs(self) -> dict:
+    """What the model must know about the data."""
+    return {"num_classes": self.num_classes}
+
+  def train_loader(self, global_batch_size, seed, process_index=0, process_count=1):
+    return loader.StepLoader(self.train, global_batch_size, seed, process_index, process_count)
 
 
 def _import_tfds():
@@ -93,14 +102,18 @@ def prepare(tfds_name: str, raw_dir: str = "", data_dir: str = ""):
   return builder
 
 
-def load_arrays(builder, split: str) -> dict[str, np.ndarray]:
-  tfds = _import_tfds()
+def check_split(builder, split: str) -> None:
   if split.split("[")[0] not in builder.info.splits:  # TFDS slices such as test[:1000] are fine
     raise DataError(
       f"unknown split {split!r} for {builder.name}; valid: {', '.join(sorted(builder.info.splits))}"
     )
+
+
+def load_arrays(builder, split: str) -> dict[str, np.ndarray]:
+  tfds = _import_tfds()
+  check_split(builder, split)
   arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-  return {"image": arrays["image"], "label": arrays["label"].astype(np.int32)}
+  return {"inputs": arrays["image"], "targets": arrays["label"].astype(np.int32)}
 
 
 def _image_classification(tfds_name: str):

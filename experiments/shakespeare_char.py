@@ -1,0 +1,42 @@
+"""Tiny Shakespeare, character-level Transformer LM: nanoGPT's CPU ("laptop") config.
+
+nanoGPT (README, "I only have a macbook"): 4 layers, 4 heads, width 128,
+context 64, batch 12, 2000 iterations, AdamW 1e-3 (betas 0.9, 0.99), weight
+decay 0.1, clip 1.0, 100 warm-up steps then cosine to 1e-4, no dropout:
+validation loss about 1.88 in about 3 minutes on a laptop CPU.
+Variants: `shakespeare_char.py:size=baby` is nanoGPT's GPU "baby GPT" (6 layers,
+6 heads, width 384, context 256, batch 64, dropout 0.2, 5000 iterations: 1.47).
+"""
+
+from research import config as config_lib
+
+SIZES = {
+  # layers, heads, width, context, batch, steps, dropout
+  "cpu": (4, 4, 128, 64, 12, 2000, 0.0),
+  "baby": (6, 6, 384, 256, 64, 5000, 0.2),
+}
+
+
+def get_config(arg=None):
+  options = config_lib.parse_arg(arg, size="cpu", steps=0)
+  layers, heads, width, context, batch, steps, dropout = SIZES[options.size]
+  config = config_lib.base()
+  config.data.name = "tiny_shakespeare"
+  config.data.raw_dir = config_lib.raw_data_dir("tinyshakespeare")
+  config.data.eval_split = "validation"
+  config.data.seq_len = context
+  config.model = config_lib.entry(
+    "model", "transformer_lm", num_layers=layers, num_heads=heads, embed_dim=width,
+    max_len=context, dropout=dropout,
+  )  # fmt: skip
+  config.optimizer = config_lib.entry(
+    "optimizer", "adamw", learning_rate=1e-3, b2=0.99, weight_decay=0.1, grad_clip_norm=1.0
+  )
+  config.schedule = config_lib.entry("schedule", "warmup_cosine", warmup_steps=100, end_value=1e-4)
+  config.global_batch_size = batch
+  config.eval_batch_size = 64
+  config.num_train_steps = options.steps or steps
+  config.log_every_steps = 100
+  config.eval_every_steps = 500
+  config.checkpoint_every_steps = 500
+  return config

@@ -1,0 +1,175 @@
+"""Decoder-only Transformer language model (GPT-2 / nanoGPT style), pre-norm.
+
+Shapes: B batch, L length, D model width (embed), H heads, K head width (kv),
+F MLP width (mlp), V vocabulary.
+
+Every parameter carries logical axes (`vocab`, `embed`, `heads`, `kv`, `mlp`),
+so the config's sharding rules give FSDP (embed over fsdp) and Megatron tensor
+parallelism (heads and mlp over model: column-parallel in, row-parallel out).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from research import registry
+from research.models import layers
+
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rotary")
+
+
+def _init(stddev: float, axes):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
+
+
+def _norm(kind: str, name: str) -> nn.Module:
+  scale = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
+  if kind == "rmsnorm":
+    return nn.RMSNorm(epsilon=1e-5, dtype=jnp.float32, scale_init=scale, name=name)
+  return nn.LayerNorm(
+    epsilon=1e-5,
+    dtype=jnp.float32,
+    use_bias=False,  # nanoGPT's bias=False
+    scale_init=scale,
+    name=name,
+  )
+
+
+def rotary(x_BxLxHxK: jax.Array, positions_L: jax.Array) -> jax.Array:
+  """Rotary position embedding (Su et al. 2021) on pairs (i, i + K/2) of each head."""
+  half = x_BxLxHxK.shape[-1] // 2
+  frequencies_K2 = 1.0 / (10_000 ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angles_Lx1xK2 = (positions_L[:, None].astype(jnp.float32) * frequencies_K2)[:, None, :]
+  sin, cos = jnp.sin(angles_Lx1xK2), jnp.cos(angles_Lx1xK2)
+  x1, x2 = x_BxLxHxK[..., :half].astype(jnp.float32), x_BxLxHxK[..., half:].astype(jnp.float32)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_BxLxHxK.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+  num_heads: int
+  head_dim: int
+  positions: str
+  dropout: float
+  out_stddev: float
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array, positions_L: jax.Array, train: bool) -> jax.Array:
+    width = x_BxLxD.shape[-1]
+    shape_DxHxK = (width, self.num_heads, self.head_dim)
+
+    def project(name):
+      kernel_DxHxK = self.param(name, _init(0.02, ("embed", "heads", "kv")), shape_DxHxK)
+      return jnp.einsum("bld,dhk->blhk", x_BxLxD, kernel_DxHxK.astype(self.dtype))
+
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = project("query"), project("key"), project("value")
+    if self.positions == "rotary":
+      q_BxLxHxK, k_BxLxHxK = rotary(q_BxLxHxK, positions_L), rotary(k_BxLxHxK, positions_L)
+    q_BxLxHxK = layers.constrain(q_BxLxHxK, ("batch", None, "heads", "kv"))
+    logits_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK).astype(jnp.float32)
+    logits_BxHxLxL = logits_BxHxLxL / jnp.sqrt(self.head_dim).astype(jnp.float32)
+    causal_LxL = positions_L[:, None] >= positions_L[None, :]
+    logits_BxHxLxL = jnp.where(causal_LxL, logits_BxHxLxL, jnp.finfo(jnp.float32).min)
+    weights_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1).astype(self.dtype)
+    weights_BxHxLxL = nn.Dropout(self.dropout, deterministic=not train)(weights_BxHxLxL)
+    y_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", weights_BxHxLxL, v_BxLxHxK)
+    out_HxKxD = self.param(
+      "out", _init(self.out_stddev, ("heads", "kv", "embed")), shape_DxHxK[1:] + (width,)
+    )
+    y_BxLxD = jnp.einsum("blhk,hkd->bld", y_BxLxHxK, out_HxKxD.astype(self.dtype))
+    return layers.constrain(y_BxLxD, ("batch", None, "embed"))
+
+
+class MLPBlock(nn.Module):
+  hidden: int
+  out_stddev: float
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    width = x_BxLxD.shape[-1]
+    h_BxLxF = nn.Dense(
+      self.hidden, use_bias=False, dtype=self.dtype, kernel_init=_init(0.02, ("embed", "mlp")),
+      name="fc_in",
+    )(x_BxLxD)  # fmt: skip
+    h_BxLxF = layers.constrain(nn.gelu(h_BxLxF), ("batch", None, "mlp"))
+    y_BxLxD = nn.Dense(
+      width, use_bias=False, dtype=self.dtype,
+      kernel_init=_init(self.out_stddev, ("mlp", "embed")), name="fc_out",
+    )(h_BxLxF)  # fmt: skip
+    return layers.constrain(y_BxLxD, ("batch", None, "embed"))
+
+
+@registry.models.register("transformer_lm")
+class TransformerLM(nn.Module):
+  """Token ids (B, L) -> next-token logits (B, L, V).
+
+  nanoGPT's choices by default: pre-LayerNorm without biases, learned
+  positions, GELU MLP of 4x width, tied input/output embeddings, N(0, 0.02)
+  initialisation with residual projections scaled by 1/sqrt(2 * num_layers).
+  """
+
+  vocab_size: int
+  num_layers: int = 4
+  num_heads: int = 4
+  embed_dim: int = 128
+  mlp_ratio: int = 4
+  max_len: int = 256
+  positions: str = "learned"  # or "rotary"
+  norm: str = "layernorm"  # or "rmsnorm"
+  dropout: float = 0.0
+  tied_embeddings: bool = True
+  dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, tokens_BxL: jax.Array, *, train: bool = False) -> jax.Array:
+    if self.positions not in POSITIONS or self.norm not in NORMS:
+      raise ValueError(
+        f"model.positions={self.positions!r} (valid: {', '.join(POSITIONS)}), "
+        f"model.norm={self.norm!r} (valid: {', '.join(NORMS)})"
+      )
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f"model.embed_dim={self.embed_dim} is not divisible by num_heads")
+    length = tokens_BxL.shape[1]
+    if length > self.max_len:
+      raise ValueError(f"sequence length {length} > model.max_len={self.max_len}")
+    dtype = layers.compute_dtype(self.dtype)
+    out_stddev = 0.02 / (2 * self.num_layers) ** 0.5
+    embedding = nn.Embed(
+      self.vocab_size, self.embed_dim, dtype=dtype,
+      embedding_init=_init(0.02, ("vocab", "embed")), name="embedding",
+    )  # fmt: skip
+    x_BxLxD = embedding(tokens_BxL)
+    positions_L = jnp.arange(length)
+    if self.positions == "learned":
+      table_LxD = self.param(
+        "position_embedding", _init(0.02, (None, "embed")), (self.max_len, self.embed_dim)
+      )
+      x_BxLxD = x_BxLxD + table_LxD[:length].astype(dtype)
+    x_BxLxD = nn.Dropout(self.dropout, deterministic=not train)(x_BxLxD)
+    x_BxLxD = layers.constrain(x_BxLxD, ("batch", None, "embed"))
+    for i in range(self.num_layers):
+      h_BxLxD = _norm(self.norm, f"block_{i}_norm_1")(x_BxLxD).astype(dtype)
+      h_BxLxD = CausalSelfAttention(
+        self.num_heads, self.embed_dim // self.num_heads, self.positions, self.dropout,
+        out_stddev, dtype, name=f"block_{i}_attention",
+      )(h_BxLxD, positions_L, train)  # fmt: skip
+      x_BxLxD = x_BxLxD + nn.Dropout(self.dropout, deterministic=not train)(h_BxLxD)
+      h_BxLxD = _norm(self.norm, f"block_{i}_norm_2")(x_BxLxD).astype(dtype)
+      h_BxLxD = MLPBlock(self.mlp_ratio * self.embed_dim, out_stddev, dtype, name=f"block_{i}_mlp")(
+        h_BxLxD
+      )
+      x_BxLxD = x_BxLxD + nn.Dropout(self.dropout, deterministic=not train)(h_BxLxD)
+    x_BxLxD = _norm(self.norm, "final_norm")(x_BxLxD).astype(dtype)
+    if self.tied_embeddings:
+      logits_BxLxV = embedding.attend(x_BxLxD)
+    else:
+      logits_BxLxV = nn.Dense(
+        self.vocab_size, use_bias=False, dtype=dtype,
+        kernel_init=_init(0.02, ("embed", "vocab")), name="head",
+      )(x_BxLxD)  # fmt: skip
+    return layers.constrain(logits_BxLxV.astype(jnp.float32), ("batch", None, "vocab"))

@@ -1,0 +1,85 @@
+"""The decoder-only Transformer LM: shapes, causality, variants, parameter count, axes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from research import config as config_lib
+from research import registry
+from research.models import transformer
+
+
+def _model(**overrides):
+  kwargs = {k: v for k, v in config_lib.entry("model", "transformer_lm").items() if k != "name"}
+  kwargs.update(num_layers=2, num_heads=2, embed_dim=32, max_len=16)
+  kwargs.update(overrides)
+  return registry.models.get("transformer_lm")(vocab_size=11, **kwargs)
+
+
+def _init(model, length=16):
+  tokens_BxL = jax.random.randint(jax.random.key(0), (3, length), 0, 11)
+  variables = model.init(jax.random.key(1), tokens_BxL)
+  return tokens_BxL, variables
+
+
+@pytest.mark.parametrize(
+  "overrides",
+  [{}, {"positions": "rotary"}, {"norm": "rmsnorm"}, {"tied_embeddings": False},
+   {"dtype": "bfloat16"}, {"dropout": 0.1}],
+)  # fmt: skip
+def test_shapes_axes_and_causality(overrides):
+  model = _model(**overrides)
+  tokens_BxL, variables = _init(model)
+  boxed = jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert all(isinstance(p, nn.LogicallyPartitioned) for p in boxed)  # every parameter named
+  params = nn.meta.unbox(variables)
+  logits_BxLxV = model.apply(params, tokens_BxL)
+  assert logits_BxLxV.shape == (3, 16, 11) and logits_BxLxV.dtype == jnp.float32
+  # Changing token 9 changes no logit before position 9, and some after.
+  changed = model.apply(params, tokens_BxL.at[:, 9].set((tokens_BxL[:, 9] + 1) % 11))
+  np.testing.assert_array_equal(changed[:, :9], logits_BxLxV[:, :9])
+  assert not np.allclose(changed[:, 9:], logits_BxLxV[:, 9:])
+  if overrides.get("dropout"):
+    train = lambda seed: model.apply(  # noqa: E731
+      params, tokens_BxL, train=True, rngs={"dropout": jax.random.key(seed)}
+    )
+    assert not np.allclose(train(0), train(1))
+    np.testing.assert_array_equal(train(0), train(0))
+
+
+def test_parameter_count_matches_nanogpt():
+  """nanoGPT's CPU config (4 layers, width 128, context 64, 65 characters): 0.80M."""
+  model = registry.models.get("transformer_lm")(
+    vocab_size=65, num_layers=4, num_heads=4, embed_dim=128, max_len=64
+  )
+  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 64), jnp.int32)))
+  count = sum(p.size for p in jax.tree.leaves(params))
+  per_block = 4 * 128 * 128 + 2 * 128 * 512 + 2 * 128  # attention, MLP, two norm scales
+  assert count == 65 * 128 + 64 * 128 + 4 * per_block + 128 == 804_096
+
+
+def test_rotary_rotates_pairs_by_position():
+  x_BxLxHxK = jnp.ones((1, 3, 1, 4))
+  rotated = transformer.rotary(x_BxLxHxK, jnp.arange(3))
+  np.testing.assert_allclose(rotated[0, 0], x_BxLxHxK[0, 0])  # position 0: unchanged
+  norms = jnp.linalg.norm(rotated, axis=-1)
+  np.testing.assert_allclose(norms, jnp.linalg.norm(x_BxLxHxK, axis=-1), rtol=1e-6)
+  # Relative: the same q and k at every position give q(m) . k(n) that depends on m - n only.
+  q_1x1x1xK, k_1x1x1xK = jax.random.normal(jax.random.key(0), (2, 1, 1, 1, 4))
+  rotate = lambda v: transformer.rotary(jnp.broadcast_to(v, (1, 8, 1, 4)), jnp.arange(8))  # noqa: E731
+  dots_LxL = jnp.einsum("blhk,bmhk->lm", rotate(q_1x1x1xK), rotate(k_1x1x1xK))
+  np.testing.assert_allclose(dots_LxL[3, 1], dots_LxL[2, 0], rtol=1e-5)
+  np.testing.assert_allclose(dots_LxL[7, 5], dots_LxL[2, 0], rtol=1e-5)
+  assert not np.isclose(dots_LxL[3, 1], dots_LxL[3, 2])
+
+
+def test_bad_options_name_the_key():
+  model = _model(positions="alibi")
+  with pytest.raises(ValueError, match="model.positions='alibi'"):
+    _init(model)
+  with pytest.raises(ValueError, match="sequence length 17 > model.max_len=16"):
+    _init(_model(), length=17)
