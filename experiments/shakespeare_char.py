@@ -33,6 +33,7 @@ def get_config(arg=None):
     "optimizer", "adamw", learning_rate=1e-3, b2=0.99, weight_decay=0.1, grad_clip_norm=1.0
   )
   config.schedule = config_lib.entry("schedule", "warmup_cosine", warmup_steps=100, end_value=1e-4)
+  config.sharding_rules.vocab = ()  # 65 characters divide by no model axis: replicate
   config.global_batch_size = batch
   config.eval_batch_size = 64
   config.num_train_steps = options.steps or steps

@@ -116,10 +116,11 @@ def _mesh_runs(tmp_path, devices, specs, tfds_data_dir, raw_dir, workroot="runs"
 
 def test_dp_fsdp_tp_losses_equal_one_device(mnist, tfds_data_dir, mnist_raw_dir, tmp_path):
   del mnist  # prepared by the session fixture
-  one = _mesh_runs(tmp_path, 1, ["mlp:1,1,1", "cnn:1,1,1"], tfds_data_dir, mnist_raw_dir)
-  specs = [f"{model}:{mesh}" for model in ("mlp", "cnn") for mesh in MESHES.values()]
+  models = ("mlp", "cnn", "lm")
+  one = _mesh_runs(tmp_path, 1, [f"{m}:1,1,1" for m in models], tfds_data_dir, mnist_raw_dir)
+  specs = [f"{model}:{mesh}" for model in models for mesh in MESHES.values()]
   eight = _mesh_runs(tmp_path, 8, specs, tfds_data_dir, mnist_raw_dir)
-  for model in ("mlp", "cnn"):
+  for model in models:
     reference = one[f"{model}:1,1,1"]
     assert len(reference) == 50
     for name, mesh in MESHES.items():
@@ -132,6 +133,11 @@ def test_dp_fsdp_tp_losses_equal_one_device(mnist, tfds_data_dir, mnist_raw_dir,
   fsdp_cnn = (tmp_path / "runs_8" / "cnn_2_4_1" / "sharding.md").read_text()
   conv2 = "| conv2/kernel | (3, 3, 32, 64) | (-, -, conv_in, conv_out) | (-, -, -, fsdp) | 18,432 |"
   assert conv2 in fsdp_cnn
+  tp_lm = (tmp_path / "runs_8" / "lm_4_1_2" / "sharding.md").read_text()
+  assert (
+    "| block_0_attention/query | (64, 4, 16) | (embed, heads, kv) | (fsdp, model, -) |" in tp_lm
+  )
+  assert "| block_1_mlp/fc_out/kernel | (256, 64) | (mlp, embed) | (model, fsdp) |" in tp_lm
   fsdp_table = (tmp_path / "runs_8" / "mlp_2_4_1" / "sharding.md").read_text()
   assert "| hidden_0/kernel | (784, 128) | (embed, mlp) | (fsdp, model) | 100,352 |" in fsdp_table
 

@@ -14,17 +14,20 @@ from research import config as config_lib
 from research import train
 from research.metrics import read_jsonl
 
-EXPERIMENTS = {"mlp": "mnist_mlp.py", "cnn": "mnist_cnn.py"}
+EXPERIMENTS = {"mlp": "mnist_mlp.py", "cnn": "mnist_cnn.py", "lm": "shakespeare_char.py"}
 
 
 def run(
   model: str, mesh: str, data_dir: str, raw_dir: str, workdir: Path, steps: int, schedule: str
 ) -> list[float]:
   config = config_lib.load_file(f"{config_lib.REPO_ROOT}/experiments/{EXPERIMENTS[model]}")
-  config.data.data_dir, config.data.raw_dir = data_dir, raw_dir
-  config.data.eval_split = "test[:1000]"
-  config.global_batch_size = 32
-  config.eval_batch_size = 200
+  config.data.data_dir = data_dir
+  if model == "lm":  # a small Transformer: FSDP shards embed, TP shards heads and mlp
+    config.model.update(num_layers=2, num_heads=4, embed_dim=64)
+    config.global_batch_size, config.eval_batch_size = 16, 64
+  else:
+    config.data.raw_dir, config.data.eval_split = raw_dir, "test[:1000]"
+    config.global_batch_size, config.eval_batch_size = 32, 200
   config.num_train_steps = steps
   config.log_every_steps = 1
   # "warmup_cosine": the experiments' schedule shape, fitted to the run. At a
