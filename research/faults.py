@@ -182,9 +182,8 @@ def describe(trial: dict) -> str:
       parts.append(f"finished before the {event['interrupt']} due at {event['at_s']}s (no kill)")
       continue
     saved = event["checkpoints_after"]
-    text = (
-      f"{event['interrupt']} at {event['at_s']}s (checkpoints: {saved[-1] if saved else 'none'})"
-    )
+    when = f"{event['at_s']}s" + (" after start-up" if event["after_startup"] else "")
+    text = f"{event['interrupt']} at {when} (checkpoints: {saved[-1] if saved else 'none'})"
     if event.get("damaged_step") is not None:
       text += f", damaged step {event['damaged_step']}"
     parts.append(text)
