@@ -142,26 +142,33 @@ def _reason(error: Exception) -> str:
   return ": ".join(parts[-2:])[:300] if len(parts) > 2 else line[:300]
 
 
-def read_state(directory: str | Path, step: int | None = None) -> tuple[int, dict]:
-  """(step, {'params/fc1/kernel': numpy array, ...}) of a saved train state, latest by default.
+def read_tree(directory: str | Path, step: int | None = None) -> tuple[int, dict]:
+  """(step, saved train state as nested dicts of numpy arrays), the latest step by default.
 
-  For comparing and inspecting runs on one host; training restores with
+  For inspecting, comparing and sampling on one host; training restores with
   `Checkpointer.restore` onto its mesh instead.
   """
-  import numpy as np
-
-  from research.sharding import path_name
-
   manager = ocp.CheckpointManager(Path(directory).absolute())
   try:
     step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"{directory}: no finished checkpoint")
+    if step is None or step not in manager.all_steps():
+      valid = list(manager.all_steps())
+      raise FileNotFoundError(f"{directory}: no finished checkpoint at step {step} (have {valid})")
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   finally:
     manager.close()
-  flat = jax.tree_util.tree_flatten_with_path(restored["state"])[0]
-  return step, {path_name(path): np.asarray(leaf) for path, leaf in flat}
+  import numpy as np
+
+  return step, jax.tree.map(np.asarray, restored["state"])
+
+
+def read_state(directory: str | Path, step: int | None = None) -> tuple[int, dict]:
+  """(step, {'params/fc1/kernel': numpy array, ...}): read_tree, flattened by path."""
+  from research.sharding import path_name
+
+  step, tree = read_tree(directory, step)
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return step, {path_name(path): leaf for path, leaf in flat}
 
 
 def abstract_with_shardings(state_shape, shardings):

@@ -77,3 +77,18 @@ def test_char_lm_trains_and_reports_perplexity(tfds_data_dir, tmp_path):
   assert losses[0] > losses[-1] and final["loss"] < 3.3  # uniform over 65 characters: 4.17
   assert final["perplexity"] == pytest.approx(np.exp(final["loss"]))
   assert final["bits_per_token"] == pytest.approx(final["loss"] / np.log(2))
+  # The run's checkpoint samples text from the command line.
+  import subprocess
+  import sys
+
+  sampled = subprocess.run(
+    [sys.executable, "-m", "research.generate", f"--workdir={tmp_path}", "--prompt=ROMEO:",
+     "--num_tokens=40", "--num_samples=2", "--seed=1"],
+    cwd=config_lib.REPO_ROOT, capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert sampled.returncode == 0, sampled.stderr[-2000:]
+  header, samples = sampled.stdout.split("\n", 1)
+  assert header.startswith(f"# {tmp_path}, step 150")
+  first, second, rest = samples.split("\n---------------\n")
+  assert rest == "" and first != second  # two different draws
+  assert all(s.startswith("ROMEO:") and len(s) == len("ROMEO:") + 40 for s in (first, second))

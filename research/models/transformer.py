@@ -56,9 +56,12 @@ class CausalSelfAttention(nn.Module):
   dropout: float
   out_stddev: float
   dtype: jnp.dtype
+  max_len: int
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, positions_L: jax.Array, train: bool) -> jax.Array:
+  def __call__(
+    self, x_BxLxD: jax.Array, positions_L: jax.Array, train: bool, decode: bool = False
+  ) -> jax.Array:
     width = x_BxLxD.shape[-1]
     shape_DxHxK = (width, self.num_heads, self.head_dim)
 
@@ -70,18 +73,37 @@ class CausalSelfAttention(nn.Module):
     if self.positions == "rotary":
       q_BxLxHxK, k_BxLxHxK = rotary(q_BxLxHxK, positions_L), rotary(k_BxLxHxK, positions_L)
     q_BxLxHxK = layers.constrain(q_BxLxHxK, ("batch", None, "heads", "kv"))
-    logits_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK).astype(jnp.float32)
-    logits_BxHxLxL = logits_BxHxLxL / jnp.sqrt(self.head_dim).astype(jnp.float32)
-    causal_LxL = positions_L[:, None] >= positions_L[None, :]
-    logits_BxHxLxL = jnp.where(causal_LxL, logits_BxHxLxL, jnp.finfo(jnp.float32).min)
-    weights_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1).astype(self.dtype)
-    weights_BxHxLxL = nn.Dropout(self.dropout, deterministic=not train)(weights_BxHxLxL)
-    y_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", weights_BxHxLxL, v_BxLxHxK)
+    key_positions_S = positions_L
+    if decode:  # keys and values of earlier calls live in the "cache" collection
+      k_BxLxHxK, v_BxLxHxK, key_positions_S = self._cached(k_BxLxHxK, v_BxLxHxK, positions_L)
+    # S: key positions (L, or max_len with the cache).
+    logits_BxHxLxS = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK).astype(jnp.float32)
+    logits_BxHxLxS = logits_BxHxLxS / jnp.sqrt(self.head_dim).astype(jnp.float32)
+    causal_LxS = positions_L[:, None] >= key_positions_S[None, :]
+    logits_BxHxLxS = jnp.where(causal_LxS, logits_BxHxLxS, jnp.finfo(jnp.float32).min)
+    weights_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1).astype(self.dtype)
+    weights_BxHxLxS = nn.Dropout(self.dropout, deterministic=not train)(weights_BxHxLxS)
+    y_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", weights_BxHxLxS, v_BxLxHxK)
     out_HxKxD = self.param(
       "out", _init(self.out_stddev, ("heads", "kv", "embed")), shape_DxHxK[1:] + (width,)
     )
     y_BxLxD = jnp.einsum("blhk,hkd->bld", y_BxLxHxK, out_HxKxD.astype(self.dtype))
     return layers.constrain(y_BxLxD, ("batch", None, "embed"))
+
+  def _cached(self, k_BxLxHxK, v_BxLxHxK, positions_L):
+    """Writes this call's keys and values at positions_L; returns all max_len of them.
+
+    Slots not written yet hold zeros at positions >= every query's, so the causal
+    mask hides them.
+    """
+    batch, _, heads, head_dim = k_BxLxHxK.shape
+    shape_BxSxHxK = (batch, self.max_len, heads, head_dim)
+    cached_k = self.variable("cache", "key", jnp.zeros, shape_BxSxHxK, k_BxLxHxK.dtype)
+    cached_v = self.variable("cache", "value", jnp.zeros, shape_BxSxHxK, v_BxLxHxK.dtype)
+    start = (0, positions_L[0], 0, 0)
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BxLxHxK, start)
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxLxHxK, start)
+    return cached_k.value, cached_v.value, jnp.arange(self.max_len)
 
 
 class MLPBlock(nn.Module):
@@ -126,7 +148,11 @@ class TransformerLM(nn.Module):
   dtype: str = "float32"
 
   @nn.compact
-  def __call__(self, tokens_BxL: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(
+    self, tokens_BxL: jax.Array, *, train: bool = False, decode: bool = False
+  ) -> jax.Array:
+    """`decode=True` continues from the tokens of earlier decode calls (the "cache"
+    collection: keys, values and the next position; see research.decoding)."""
     if self.positions not in POSITIONS or self.norm not in NORMS:
       raise ValueError(
         f"model.positions={self.positions!r} (valid: {', '.join(POSITIONS)}), "
@@ -145,19 +171,23 @@ class TransformerLM(nn.Module):
     )  # fmt: skip
     x_BxLxD = embedding(tokens_BxL)
     positions_L = jnp.arange(length)
+    if decode:
+      next_position = self.variable("cache", "next_position", jnp.zeros, (), jnp.int32)
+      positions_L = positions_L + next_position.value
+      next_position.value = next_position.value + length
     if self.positions == "learned":
       table_LxD = self.param(
         "position_embedding", _init(0.02, (None, "embed")), (self.max_len, self.embed_dim)
       )
-      x_BxLxD = x_BxLxD + table_LxD[:length].astype(dtype)
+      x_BxLxD = x_BxLxD + jnp.take(table_LxD, positions_L, axis=0).astype(dtype)
     x_BxLxD = nn.Dropout(self.dropout, deterministic=not train)(x_BxLxD)
     x_BxLxD = layers.constrain(x_BxLxD, ("batch", None, "embed"))
     for i in range(self.num_layers):
       h_BxLxD = _norm(self.norm, f"block_{i}_norm_1")(x_BxLxD).astype(dtype)
       h_BxLxD = CausalSelfAttention(
         self.num_heads, self.embed_dim // self.num_heads, self.positions, self.dropout,
-        out_stddev, dtype, name=f"block_{i}_attention",
-      )(h_BxLxD, positions_L, train)  # fmt: skip
+        out_stddev, dtype, self.max_len, name=f"block_{i}_attention",
+      )(h_BxLxD, positions_L, train, decode)  # fmt: skip
       x_BxLxD = x_BxLxD + nn.Dropout(self.dropout, deterministic=not train)(h_BxLxD)
       h_BxLxD = _norm(self.norm, f"block_{i}_norm_2")(x_BxLxD).astype(dtype)
       h_BxLxD = MLPBlock(self.mlp_ratio * self.embed_dim, out_stddev, dtype, name=f"block_{i}_mlp")(

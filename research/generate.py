@@ -1,0 +1,88 @@
+"""Print samples from a trained language model.
+
+    python -m research.generate --workdir=runs/shakespeare_char --prompt="ROMEO:" \
+        --num_tokens=500 --temperature=0.8 --top_k=200
+
+Reads the run's config.json, its dataset's vocabulary, and the latest (or
+--step) checkpoint; samples with a key/value cache (research.decoding).
+Defaults follow nanoGPT's sample.py (temperature 0.8, top-k 200).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.")
+_STEP = flags.DEFINE_integer("step", -1, "Checkpoint step; -1: the latest.")
+_PROMPT = flags.DEFINE_string("prompt", "\n", "Text the samples continue.")
+_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 500, "New tokens per sample.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples (one batch).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 200, "Keep the k most likely tokens; 0 keeps all.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Keep the nucleus of this probability; 1 keeps all.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+class GenerateError(ValueError):
+  """Bad input: the message is one line."""
+
+
+def load_model(workdir: Path, step: int | None):
+  """(model, params, vocabulary, step) of a run's checkpoint."""
+  import ml_collections
+
+  from research import checkpoint, registry
+
+  config_path = workdir / "config.json"
+  if not config_path.is_file():
+    raise GenerateError(f"--workdir={workdir}: no config.json (not a training run's workdir)")
+  config = ml_collections.ConfigDict(json.loads(config_path.read_text())["config"])
+  dataset = registry.datasets.get(config.data.name)(config.data)
+  if not hasattr(dataset, "vocab"):
+    raise GenerateError(f"config.data.name={config.data.name!r} is not a text dataset")
+  model_kwargs = {k: v for k, v in config.model.items() if k != "name"}
+  model = registry.models.get(config.model.name)(
+    **model_kwargs, **dataset.model_kwargs, dtype=config.dtype
+  )
+  try:
+    step, state = checkpoint.read_tree(workdir / "checkpoints", step)
+  except FileNotFoundError as e:
+    raise GenerateError(str(e)) from None
+  return model, state["params"], dataset.vocab, step
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+  import jax
+  import numpy as np
+
+  from research import decoding
+  from research.data.sources import DataError
+
+  try:
+    step = None if _STEP.value < 0 else _STEP.value
+    model, params, vocab, step = load_model(Path(_WORKDIR.value), step)
+    prompt_P = vocab.encode(_PROMPT.value)
+  except (GenerateError, DataError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  prompt_BxP = np.tile(prompt_P[None], (_NUM_SAMPLES.value, 1))
+  tokens_BxN = decoding.sample(
+    model, params, prompt_BxP, _NUM_TOKENS.value, jax.random.key(_SEED.value),
+    _TEMPERATURE.value, _TOP_K.value, _TOP_P.value,
+  )  # fmt: skip
+  print(f"# {_WORKDIR.value}, step {step}, temperature {_TEMPERATURE.value}, top-k {_TOP_K.value}")
+  for row in tokens_BxN:
+    print(_PROMPT.value + vocab.decode(row))
+    print("---------------")
+
+
+if __name__ == "__main__":
+  app.run(main)
