@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,3 +70,26 @@ def test_damaged_raw_file_is_a_checksum_mismatch(mnist_raw_dir, tmp_path):
     match="checksum mismatch for .*t10k-labels-idx1-ubyte.gz.*expected sha256 f7ae60f92e00ec6d",
   ):
     sources.prepare("mnist", str(raw), str(tmp_path / "tfds"))
+
+
+def test_prepared_arrays_are_cached_and_later_loads_skip_tensorflow(mnist, tfds_data_dir):
+  import subprocess
+  import sys
+
+  from research import config as config_lib
+
+  probe = (
+    "import sys, numpy as np\n"
+    "from research.data import sources\n"
+    f"b = sources.prepare('mnist', '', {tfds_data_dir!r})\n"
+    "a = sources.load_arrays(b, 'test')\n"
+    "np.save(sys.argv[1], a['inputs']); print('tensorflow' in sys.modules)\n"
+  )
+  out = Path(tfds_data_dir) / "probe.npy"
+  result = subprocess.run(
+    [sys.executable, "-c", probe, str(out)], capture_output=True, text=True,
+    cwd=config_lib.REPO_ROOT, timeout=120,
+  )  # fmt: skip
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == "False"  # no TensorFlow import: read from the cache
+  np.testing.assert_array_equal(np.load(out), mnist.eval["inputs"])

@@ -12,6 +12,7 @@ Shapes: B batch, L length (seq_len), N number of windows.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 
@@ -104,13 +105,21 @@ class TextDataset:
 
 
 def load_texts(builder, splits) -> dict[str, str]:
-  """{split: the split's text} of a TFDS text dataset with one 'text' example per split."""
-  tfds = sources._import_tfds()
+  """{split: the split's text} of a TFDS text dataset with one 'text' example per split
+  (cached beside the prepared data as SPLIT.txt, as sources.load_arrays does)."""
   texts = {}
   for split in splits:
     sources.check_split(builder, split)
+    cache = Path(builder.data_dir) / "research_arrays" / f"{split}.txt"
+    if cache.is_file():
+      texts[split] = cache.read_text(encoding="utf-8")
+      continue
+    tfds = sources._import_tfds()
     examples = tfds.as_numpy(builder.as_dataset(split=split))
     texts[split] = "".join(example["text"].decode("utf-8") for example in examples)
+    sources.write_atomically(
+      cache, lambda path, t=texts[split]: path.write_text(t, encoding="utf-8")
+    )
   return texts
 
 
