@@ -61,6 +61,7 @@ def base() -> ml_collections.ConfigDict:
   config.schedule = ml_collections.ConfigDict(dict(name="constant"))
   config.global_batch_size = 128
   config.eval_batch_size = 1000
+  config.grad_accum_steps = 1  # microbatches per step: gradients accumulated, one update
   config.num_epochs = 1.0
   config.num_train_steps = -1  # > 0 overrides num_epochs
   config.dtype = "float32"  # compute dtype; parameters, optimizer state and loss stay float32
@@ -303,7 +304,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     f"config.nan_policy={config.nan_policy!r}: valid: {', '.join(NAN_POLICIES)}",
   )
   _require(config.dtype in DTYPES, f"config.dtype={config.dtype!r}: valid: {', '.join(DTYPES)}")
-  for key in ("log_every_steps", "checkpoint_every_steps", "max_to_keep"):
+  for key in ("log_every_steps", "checkpoint_every_steps", "max_to_keep", "grad_accum_steps"):
     _require(config[key] > 0, f"config.{key}={config[key]}: must be > 0")
   _require(
     config.eval_every_steps > 0 or config.eval_every_steps == -1,

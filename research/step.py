@@ -64,31 +64,56 @@ def make_train_step(
   l2_penalty: float = 0.0,
   skip_nonfinite: bool = False,
   sharding_context: Callable = contextlib.nullcontext,
+  microbatches: int = 1,
 ):
   """train_step(state, batch) -> (state, metrics); randomness is a function of state.step.
 
   metrics["nonfinite"] is 1.0 when the loss or a gradient is NaN/Inf; with
   skip_nonfinite that update is not applied (the step still advances).
   `sharding_context()` is entered while the model is traced (activation
-  constraints; see research.sharding.activation_context).
+  constraints; see research.sharding.activation_context). `microbatches` > 1
+  accumulates gradients over that many slices of the batch (rows i, i+k, ...,
+  so each device keeps its share of every slice): one update per batch, the
+  activation memory of one slice.
   """
+
+  def objective(params, inputs, targets_Bx_, dropout_rng):
+    with sharding_context():
+      logits_Bx_xK = model.apply(
+        {"params": params}, inputs, train=True, rngs={"dropout": dropout_rng}
+      )
+    data_loss = jnp.mean(loss_fn(logits_Bx_xK, targets_Bx_))
+    total = data_loss + optim.penalty(params, l1_penalty, l2_penalty)
+    accuracy = jnp.mean(jnp.argmax(logits_Bx_xK, -1) == targets_Bx_)
+    return total, (data_loss, accuracy)
+
+  gradients = jax.value_and_grad(objective, has_aux=True)
+
+  def accumulated(params, inputs, targets, dropout_rng):
+    """gradients() summed over microbatches, then averaged."""
+    split = lambda x: x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(
+      0, 1
+    )  # noqa: E731
+
+    def add(sums, slice_and_index):
+      inputs_i, targets_i, i = slice_and_index
+      (total, (data_loss, accuracy)), grads = gradients(
+        params, inputs_i, targets_i, jax.random.fold_in(dropout_rng, i)
+      )
+      return jax.tree.map(jnp.add, sums, (total, data_loss, accuracy, grads)), None
+
+    scalar = jnp.zeros((), jnp.float32)
+    zeros = (scalar, scalar, scalar, jax.tree.map(jnp.zeros_like, params))
+    slices = (split(inputs), split(targets), jnp.arange(microbatches))
+    sums, _ = jax.lax.scan(add, zeros, slices)
+    total, data_loss, accuracy, grads = jax.tree.map(lambda x: x / microbatches, sums)
+    return (total, (data_loss, accuracy)), grads
 
   def train_step(state: TrainState, batch):
     dropout_rng = jax.random.fold_in(dropout_key, state.step)
-    inputs = model_inputs(batch["inputs"])
-
-    def objective(params):
-      with sharding_context():
-        logits_Bx_xK = model.apply(
-          {"params": params}, inputs, train=True, rngs={"dropout": dropout_rng}
-        )
-      data_loss = jnp.mean(loss_fn(logits_Bx_xK, batch["targets"]))
-      total = data_loss + optim.penalty(params, l1_penalty, l2_penalty)
-      return total, (data_loss, logits_Bx_xK)
-
-    (total, (data_loss, logits_Bx_xK)), grads = jax.value_and_grad(objective, has_aux=True)(
-      state.params
-    )
+    args = (state.params, model_inputs(batch["inputs"]), batch["targets"], dropout_rng)
+    step_fn = gradients if microbatches == 1 else accumulated
+    (total, (data_loss, accuracy)), grads = step_fn(*args)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(total) & jnp.all(
@@ -102,7 +127,7 @@ def make_train_step(
       "nonfinite": 1.0 - finite.astype(jnp.float32),
       "loss": data_loss,
       "total_loss": total,
-      "accuracy": jnp.mean(jnp.argmax(logits_Bx_xK, -1) == batch["targets"]),
+      "accuracy": accuracy,
       "grad_norm": optax.global_norm(grads),
       "learning_rate": schedule(state.step),
     }

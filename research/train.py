@@ -162,6 +162,13 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         f"config.{key}={config[key]}: must be divisible by the data-parallel size {dp} "
         f"and the process count {process_count}"
       )
+  microbatch = config.global_batch_size // config.grad_accum_steps
+  if config.global_batch_size % config.grad_accum_steps or microbatch % dp:
+    raise config_lib.ConfigError(
+      f"config.grad_accum_steps={config.grad_accum_steps}: global_batch_size "
+      f"{config.global_batch_size} must split into that many microbatches, each divisible by "
+      f"the data-parallel size {dp}"
+    )
   check_workdir(workdir, config, allow_config_change)
 
   # Process 0 prepares the data (TFDS writes it once); the others read it after.
@@ -227,6 +234,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
       config.optimizer.l2_penalty,
       skip_nonfinite=config.nan_policy == "skip",
       sharding_context=activations,
+      microbatches=config.grad_accum_steps,
     ),
     in_shardings=(state_sharding, batch_sharding),
     out_shardings=(state_sharding, replicated),

@@ -112,6 +112,10 @@ def _train_cli(tmp_path, *args):
     ),
     (["--config=experiments/nope.py"], "config file 'experiments/nope.py' not found; available:"),
     (
+      ["--config=experiments/mnist_softmax.py", "--config.grad_accum_steps=3"],
+      "config.grad_accum_steps=3: global_batch_size 100 must split into that many microbatches",
+    ),
+    (
       ["--config=experiments/mnist_softmax.py", "--wrokdir=x"],
       "Unknown command line flag 'wrokdir'",
     ),

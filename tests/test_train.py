@@ -251,3 +251,37 @@ def test_full_disk_during_a_save_stops_the_run_and_keeps_earlier_checkpoints(con
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from checkpoint at step 60" in resumed.stderr
   assert _final_params(tmp_path)[0] == 240
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from research import registry
+  from research import step as step_lib
+
+  model = registry.models.get("mlp")(widths=(16,), num_classes=10)
+  tx = optax.adam(1e-2)
+  loss_fn = registry.losses.get("softmax_xent")()
+  rng = np.random.default_rng(0)
+  batch = {
+    "inputs": jnp.asarray(rng.integers(0, 255, (32, 4, 4, 1)), jnp.uint8),
+    "targets": jnp.asarray(rng.integers(0, 10, 32), jnp.int32),
+  }
+  results = {}
+  for k in (1, 4):
+    state = step_lib.init_state(model, tx, jax.random.key(0), np.zeros((1, 4, 4, 1), np.uint8))
+    step = jax.jit(
+      step_lib.make_train_step(
+        model, tx, loss_fn, lambda s: 1e-2, jax.random.key(1), microbatches=k
+      )
+    )
+    for _ in range(3):
+      state, metrics = step(state, batch)
+    results[k] = (state, metrics)
+  (one, m1), (four, m4) = results[1], results[4]
+  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for name in ("loss", "accuracy", "grad_norm"):
+    np.testing.assert_allclose(m1[name], m4[name], rtol=1e-5)
