@@ -31,6 +31,11 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  model_state: Any  # non-parameter variables, e.g. {"batch_stats": ...}; {} for most models
+
+  def variables(self) -> dict:
+    """What model.apply takes: params and model state."""
+    return {"params": self.params, **self.model_state}
 
 
 def model_inputs(inputs: jax.Array) -> jax.Array:
@@ -49,9 +54,16 @@ def init_state(
   `example_inputs`: one example's inputs with a batch axis of 1 (shape and dtype matter).
   """
   dummy = model_inputs(jnp.zeros(example_inputs.shape, example_inputs.dtype))
-  variables = model.init({"params": params_key}, dummy, train=False)
-  params = variables["params"] if boxed else nn.meta.unbox(variables["params"])
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  variables = dict(model.init({"params": params_key}, dummy, train=False))
+  if not boxed:
+    variables = nn.meta.unbox(variables)
+  params = variables.pop("params")
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(nn.meta.unbox(params)) if boxed else tx.init(params),
+    model_state=variables,
+  )
 
 
 def make_train_step(
@@ -77,43 +89,47 @@ def make_train_step(
   activation memory of one slice.
   """
 
-  def objective(params, inputs, targets_Bx_, dropout_rng):
+  def objective(params, model_state, inputs, targets_Bx_, dropout_rng):
     with sharding_context():
-      logits_Bx_xK = model.apply(
-        {"params": params}, inputs, train=True, rngs={"dropout": dropout_rng}
-      )
+      logits_Bx_xK, model_state = model.apply(
+        {"params": params, **model_state}, inputs, train=True, rngs={"dropout": dropout_rng},
+        mutable=list(model_state),
+      )  # fmt: skip
     data_loss = jnp.mean(loss_fn(logits_Bx_xK, targets_Bx_))
     total = data_loss + optim.penalty(params, l1_penalty, l2_penalty)
     accuracy = jnp.mean(jnp.argmax(logits_Bx_xK, -1) == targets_Bx_)
-    return total, (data_loss, accuracy)
+    return total, (data_loss, accuracy, dict(model_state))
 
   gradients = jax.value_and_grad(objective, has_aux=True)
 
-  def accumulated(params, inputs, targets, dropout_rng):
-    """gradients() summed over microbatches, then averaged."""
+  def accumulated(params, model_state, inputs, targets, dropout_rng):
+    """gradients() summed over microbatches, then averaged; model state (batch
+    statistics) updated by each microbatch in turn."""
     split = lambda x: x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(
       0, 1
     )  # noqa: E731
 
-    def add(sums, slice_and_index):
+    def add(carry, slice_and_index):
+      sums, model_state = carry
       inputs_i, targets_i, i = slice_and_index
-      (total, (data_loss, accuracy)), grads = gradients(
-        params, inputs_i, targets_i, jax.random.fold_in(dropout_rng, i)
+      (total, (data_loss, accuracy, model_state)), grads = gradients(
+        params, model_state, inputs_i, targets_i, jax.random.fold_in(dropout_rng, i)
       )
-      return jax.tree.map(jnp.add, sums, (total, data_loss, accuracy, grads)), None
+      return (jax.tree.map(jnp.add, sums, (total, data_loss, accuracy, grads)), model_state), None
 
     scalar = jnp.zeros((), jnp.float32)
     zeros = (scalar, scalar, scalar, jax.tree.map(jnp.zeros_like, params))
     slices = (split(inputs), split(targets), jnp.arange(microbatches))
-    sums, _ = jax.lax.scan(add, zeros, slices)
+    (sums, model_state), _ = jax.lax.scan(add, (zeros, model_state), slices)
     total, data_loss, accuracy, grads = jax.tree.map(lambda x: x / microbatches, sums)
-    return (total, (data_loss, accuracy)), grads
+    return (total, (data_loss, accuracy, model_state)), grads
 
   def train_step(state: TrainState, batch):
     dropout_rng = jax.random.fold_in(dropout_key, state.step)
-    args = (state.params, model_inputs(batch["inputs"]), batch["targets"], dropout_rng)
+    inputs = model_inputs(batch["inputs"])
+    args = (state.params, state.model_state, inputs, batch["targets"], dropout_rng)
     step_fn = gradients if microbatches == 1 else accumulated
-    (total, (data_loss, accuracy)), grads = step_fn(*args)
+    (total, (data_loss, accuracy, model_state)), grads = step_fn(*args)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(total) & jnp.all(
@@ -123,6 +139,7 @@ def make_train_step(
       keep_old = lambda new, old: jnp.where(finite, new, old)
       params = jax.tree.map(keep_old, params, state.params)
       opt_state = jax.tree.map(keep_old, opt_state, state.opt_state)
+      model_state = jax.tree.map(keep_old, model_state, state.model_state)
     metrics = {
       "nonfinite": 1.0 - finite.astype(jnp.float32),
       "loss": data_loss,
@@ -131,7 +148,10 @@ def make_train_step(
       "grad_norm": optax.global_norm(grads),
       "learning_rate": schedule(state.step),
     }
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    new_state = state.replace(
+      step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state
+    )
+    return new_state, metrics
 
   return train_step
 
@@ -139,11 +159,12 @@ def make_train_step(
 def make_eval_step(
   model: nn.Module, loss_fn: Callable, sharding_context: Callable = contextlib.nullcontext
 ):
-  """eval_step(params, batch) -> sums over the real (unmasked) rows of the batch."""
+  """eval_step(variables, batch) -> sums over the real (unmasked) rows of the batch;
+  variables: TrainState.variables() (params and model state)."""
 
-  def eval_step(params, batch):
+  def eval_step(variables, batch):
     with sharding_context():
-      logits_Bx_xK = model.apply({"params": params}, model_inputs(batch["inputs"]), train=False)
+      logits_Bx_xK = model.apply(variables, model_inputs(batch["inputs"]), train=False)
     targets_Bx_ = batch["targets"]
     per_example = lambda x: x.reshape(x.shape[0], -1).mean(-1)  # noqa: E731  over L, ...
     mask_B = batch["mask"].astype(jnp.float32)

@@ -113,7 +113,7 @@ def halt_if_nonfinite(pending_metrics: list[dict], flags, first_step: int) -> No
       )
 
 
-def evaluate(eval_step, params, arrays, eval_batch_size, sharding, process_index, process_count):
+def evaluate(eval_step, variables, arrays, eval_batch_size, sharding, process_index, process_count):
   """Mean loss and accuracy over every example of `arrays`, each visited exactly once;
   with next-token targets also perplexity and bits per token (character, for char LMs)."""
   import jax
@@ -123,7 +123,7 @@ def evaluate(eval_step, params, arrays, eval_batch_size, sharding, process_index
 
   totals = None
   for local in loader.eval_batches(arrays, eval_batch_size, process_index, process_count):
-    sums = eval_step(params, parallel.global_batch(local, sharding))
+    sums = eval_step(variables, parallel.global_batch(local, sharding))
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   totals = {k: float(v) for k, v in jax.device_get(totals).items()}
   assert totals["count"] == len(arrays["targets"]), (totals["count"], len(arrays["targets"]))
@@ -242,12 +242,12 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   )
   eval_step = jax.jit(
     step_lib.make_eval_step(model, loss_fn, activations),
-    in_shardings=(state_sharding.params, batch_sharding),
+    in_shardings=(state_sharding.variables(), batch_sharding),
     out_shardings=replicated,
   )
-  run_eval = lambda params: evaluate(  # noqa: E731
+  run_eval = lambda variables: evaluate(  # noqa: E731
     eval_step,
-    params,
+    variables,
     dataset.eval,
     config.eval_batch_size,
     batch_sharding,
@@ -296,7 +296,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         if process_index == 0:
           metrics_lib.log_line(done, total_steps, averaged, speed)
       if config.eval_every_steps > 0 and done % config.eval_every_steps == 0 and done < total_steps:
-        eval_metrics = run_eval(state.params)
+        eval_metrics = run_eval(state.variables())
         writer.write(done, config.data.eval_split, eval_metrics)
         logging.info("step %d %s: %s", done, config.data.eval_split, eval_metrics)
       if save_now:
@@ -309,7 +309,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         return {"preempted_at_step": done}
 
     preemption.close()  # a SIGTERM during the final evaluation stops the process as usual
-    final = run_eval(state.params)
+    final = run_eval(state.variables())
     writer.write(total_steps, config.data.eval_split, final)
     if process_index == 0:
       logging.info(

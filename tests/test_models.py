@@ -28,13 +28,18 @@ def test_init_apply_shapes(name, dtype):
   x_BxHxWxC = jnp.ones((3, 28, 28, 1))
   variables = model.init(jax.random.key(0), x_BxHxWxC, train=False)
   # Every parameter carries logical axis names for the sharding rules.
-  boxed = jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  is_boxed = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+  boxed = jax.tree.leaves(variables["params"], is_leaf=is_boxed)
   assert boxed and all(isinstance(p, nn.LogicallyPartitioned) for p in boxed)
-  params = nn.meta.unbox(variables)
-  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))  # fp32 parameters
-  logits = model.apply(params, x_BxHxWxC, train=True, rngs={"dropout": jax.random.key(1)})
+  variables = nn.meta.unbox(variables)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))  # fp32 parameters
+  state = [k for k in variables if k != "params"]  # e.g. batch_stats
+  logits, updated = model.apply(
+    variables, x_BxHxWxC, train=True, rngs={"dropout": jax.random.key(1)}, mutable=state
+  )
   assert logits.shape == (3, 7)
-  assert logits.dtype == jnp.dtype(dtype)
+  assert logits.dtype == jnp.dtype(dtype) or name == "resnet_cifar"  # its head is fp32
+  assert set(updated) == set(state)
 
 
 def test_dropout_is_active_only_in_training():
@@ -61,18 +66,26 @@ def test_param_counts_match_the_architectures():
   assert count("cnn") == 1_199_882
   # LeNet-5 with a 10-way linear head: 156 + 2,416 + 48,120 + 10,164 + 850.
   assert count("lenet5") == 61_706
+  # He et al. 2016, table 6: ResNet-20 has 0.27M parameters. Here 272,186 (with the
+  # two option-B projections) plus 1,568 BatchNorm statistics (mean and variance).
+  assert count("resnet_cifar", depth=20) == 272_186 + 1_568
 
 
 @pytest.mark.parametrize("padding", ["VALID", "SAME"])
 @pytest.mark.parametrize("kernel_size", [1, 3, 5])
-def test_im2col_conv_equals_lax_conv(padding, kernel_size):
-  conv = layers.conv(6, kernel_size, padding, "float32")
+@pytest.mark.parametrize("strides", [1, 2])
+def test_im2col_conv_equals_lax_conv(padding, kernel_size, strides):
+  conv = layers.conv(6, kernel_size, padding, "float32", strides=strides)
   x = jax.random.normal(jax.random.key(0), (2, 9, 11, 3))
   params = nn.meta.unbox(conv.init(jax.random.key(1), x))
   reference = (
     jax.lax.conv_general_dilated(
-      x, params["params"]["kernel"], (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
+      x,
+      params["params"]["kernel"],
+      (strides, strides),
+      padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )  # fmt: skip
     + params["params"]["bias"]
   )
   np.testing.assert_allclose(conv.apply(params, x), reference, atol=1e-5)

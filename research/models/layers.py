@@ -64,29 +64,32 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
   return nn.with_logical_constraint(x, axes)
 
 
-def im2col(x_BxHxWxC: jax.Array, kernel_size: int) -> jax.Array:
-  """(B, H, W, C) -> (B, H-k+1, W-k+1, k*k*C) patches, ordered (kernel col, kernel row, C).
+def im2col(x_BxHxWxC: jax.Array, kernel_size: int, stride: int = 1) -> jax.Array:
+  """(B, H, W, C) -> (B, H', W', k*k*C) patches, ordered (kernel col, kernel row, C);
+  H' = (H - k) // stride + 1 (no padding here).
 
   Built in two concatenations (rows, then columns): on XLA:CPU this and one
   matmul run ~3x faster forward+backward than lax.conv_general_dilated
   (measured for 128x26x26x32 -> 64 channels, 3x3: 205 ms vs 555 ms).
   """
-  k = kernel_size
-  out_h, out_w = x_BxHxWxC.shape[1] - k + 1, x_BxHxWxC.shape[2] - k + 1
-  rows = jnp.concatenate([x_BxHxWxC[:, i : i + out_h] for i in range(k)], axis=-1)
-  return jnp.concatenate([rows[:, :, j : j + out_w] for j in range(k)], axis=-1)
+  k, s = kernel_size, stride
+  out_h, out_w = (x_BxHxWxC.shape[1] - k) // s + 1, (x_BxHxWxC.shape[2] - k) // s + 1
+  rows = jnp.concatenate([x_BxHxWxC[:, i : i + s * (out_h - 1) + 1 : s] for i in range(k)], -1)
+  return jnp.concatenate([rows[:, :, j : j + s * (out_w - 1) + 1 : s] for j in range(k)], -1)
 
 
 class Conv(nn.Module):
-  """Stride-1 NHWC convolution as im2col + matmul; parameters laid out as nn.Conv's.
+  """NHWC convolution as im2col + matmul; parameters laid out as nn.Conv's.
 
   kernel: (k, k, C_in, C_out) with logical axes (None, None, conv_in, conv_out).
   """
 
   features: int
   kernel_size: int
-  padding: str = "VALID"  # or "SAME"
+  padding: str = "VALID"  # or "SAME" (TensorFlow's: output size ceil(input / stride))
   dtype: Any = jnp.float32
+  strides: int = 1
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
@@ -99,28 +102,37 @@ class Conv(nn.Module):
       (k, k, in_features, self.features),
       jnp.float32,
     )
-    bias = self.param(
-      "bias",
-      nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
-      (self.features,),
-      jnp.float32,
-    )
+    bias = jnp.zeros((self.features,), jnp.float32)
+    if self.use_bias:
+      bias = self.param(
+        "bias",
+        nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+        (self.features,),
+        jnp.float32,
+      )
     if self.padding == "SAME":
-      low, high = (k - 1) // 2, k // 2
-      x_BxHxWxC = jnp.pad(x_BxHxWxC, ((0, 0), (low, high), (low, high), (0, 0)))
+      pads = []
+      for size in x_BxHxWxC.shape[1:3]:
+        total = max((-(-size // self.strides) - 1) * self.strides + k - size, 0)
+        pads.append((total // 2, total - total // 2))
+      x_BxHxWxC = jnp.pad(x_BxHxWxC, ((0, 0), pads[0], pads[1], (0, 0)))
     elif self.padding != "VALID":
       raise ValueError(f"padding {self.padding!r}: valid: SAME, VALID")
     x_BxHxWxC, kernel, bias = nn.dtypes.promote_dtype(x_BxHxWxC, kernel, bias, dtype=self.dtype)
-    patches_BxHxWxP = im2col(x_BxHxWxC, k)
+    patches_BxHxWxP = im2col(x_BxHxWxC, k, self.strides)
     # Patches are ordered (kernel col j, kernel row i, C): match the kernel to it.
     kernel_PxF = kernel.transpose(1, 0, 2, 3).reshape(k * k * in_features, self.features)
-    y_BxHxWxF = patches_BxHxWxP @ kernel_PxF + bias
+    y_BxHxWxF = patches_BxHxWxP @ kernel_PxF
+    if self.use_bias:
+      y_BxHxWxF = y_BxHxWxF + bias
     return constrain(y_BxHxWxF, ("batch", None, None, "conv_out"))
 
 
-def conv(features: int, kernel_size: int, padding: str, dtype, name: str | None = None) -> Conv:
-  """A stride-1 NHWC convolution (see Conv) with logical axis names on its parameters."""
-  return Conv(features, kernel_size, padding, compute_dtype(dtype), name=name)
+def conv(
+  features: int, kernel_size: int, padding: str, dtype, name=None, strides=1, use_bias=True
+) -> Conv:
+  """An NHWC convolution (see Conv) with logical axis names on its parameters."""
+  return Conv(features, kernel_size, padding, compute_dtype(dtype), strides, use_bias, name=name)
 
 
 def compute_dtype(name: str):
