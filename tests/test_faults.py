@@ -41,7 +41,9 @@ def test_soak_trial_with_sigterm_and_a_damaged_checkpoint(
   assert faults.main(args + _train_args(tfds_data_dir, mnist_raw_dir)) == 0
   (trial,) = json.loads((tmp_path / "soak" / "report.json").read_text())["trials"]
   first = trial["events"][0]
-  assert (first["interrupt"], first["sent"], first["exit_code"]) == ("SIGTERM", True, 0), first
+  # Exit 0 after saving at the next step; -15 if the SIGTERM came during start-up or
+  # the final evaluation (timing: it stays identical either way).
+  assert (first["interrupt"], first["sent"]) == ("SIGTERM", True) and first["exit_code"] in (0, -15)
   assert first["damaged_step"] == first["checkpoints_after"][-1]
   assert trial["identical"], trial["how"]
   assert list((tmp_path / "soak" / "trial_1" / "checkpoints.damaged").iterdir())  # moved aside
