@@ -61,7 +61,7 @@ def init_state(
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
-    opt_state=tx.init(nn.meta.unbox(params)) if boxed else tx.init(params),
+    opt_state=tx.init(params),  # boxed params give boxed moments: FSDP shards them too
     model_state=variables,
   )
 

@@ -95,6 +95,30 @@ def test_activations_are_constrained_by_the_rules():
   assert "sharding_constraint" not in jax.jit(model.apply).lower(params, images).as_text()
 
 
+def test_fsdp_shards_the_optimizer_state_with_its_parameters():
+  import functools
+
+  import jax
+  import numpy as np
+  import optax
+
+  from research import parallel, registry
+  from research import step as step_lib
+
+  model = registry.models.get("mlp")(widths=(128,), num_classes=10)
+  init = functools.partial(
+    step_lib.init_state, model, optax.adam(1e-3), jax.random.key(0),
+    np.zeros((1, 28, 28, 1), np.uint8), boxed=True,
+  )  # fmt: skip
+  mesh = parallel.make_mesh(config_lib.base().mesh)  # every device on `data`
+  _, _, rows = sharding.state_shardings(jax.eval_shape(init), mesh, RULES)
+  by_name = {r["name"]: r for r in rows}
+  # The Adam moments carry their parameter's logical axes, hence its mesh sharding.
+  for moment in ("mu", "nu"):
+    row = by_name[f"opt_state/0/{moment}/hidden_0/kernel"]
+    assert row["logical"] == ("embed", "mlp") and row["mesh"] == ("fsdp", "model")
+
+
 MESHES = {"dp": "8,1,1", "fsdp": "2,4,1", "tp": "4,1,2"}
 
 
