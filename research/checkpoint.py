@@ -110,7 +110,7 @@ class Checkpointer:
     target.parent.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
       shutil.move(source, target)
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    reason = _first_line(error)[:200]
     logging.warning(
       "checkpoint %s does not restore (%s: %s); moved it to %s and falling back",
       source, type(error).__name__, reason, target,
@@ -135,9 +135,13 @@ class Checkpointer:
         self.manager.close()
 
 
+def _first_line(error: Exception) -> str:
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def _reason(error: Exception) -> str:
   """The end of an Orbax/TensorStore error's first line: 'Failed to write ...: No space left'."""
-  line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  line = _first_line(error)
   parts = line.split(": ")
   return ": ".join(parts[-2:])[:300] if len(parts) > 2 else line[:300]
 

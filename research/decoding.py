@@ -77,10 +77,10 @@ def sample(
   keep = max(1, model.max_len // 2)  # context carried into a fresh cache
   window = jax.jit(_window, static_argnums=(0, 4, 5, 6, 7))
   tokens_BxT = prompt_BxP if prompt_BxP.shape[1] < model.max_len else prompt_BxP[:, -keep:]
-  generated = []
-  while sum(g.shape[1] for g in generated) < num_tokens:
-    remaining = num_tokens - sum(g.shape[1] for g in generated)
+  generated, remaining = [], num_tokens
+  while remaining > 0:
     steps = min(model.max_len - tokens_BxT.shape[1], remaining)
+    remaining -= steps
     key, window_key = jax.random.split(key)
     new_BxS = np.asarray(
       window(model, params, jnp.asarray(tokens_BxT), window_key, steps, temperature, top_k, top_p)

@@ -44,10 +44,7 @@ def load_model(workdir: Path, step: int | None):
   dataset = registry.datasets.get(config.data.name)(config.data)
   if not hasattr(dataset, "vocab"):
     raise GenerateError(f"config.data.name={config.data.name!r} is not a text dataset")
-  model_kwargs = {k: v for k, v in config.model.items() if k != "name"}
-  model = registry.models.get(config.model.name)(
-    **model_kwargs, **dataset.model_kwargs, dtype=config.dtype
-  )
+  model = registry.build_model(config, dataset)
   try:
     step, state = checkpoint.read_tree(workdir / "checkpoints", step)
   except FileNotFoundError as e:

@@ -24,7 +24,7 @@ class MetricWriter:
       from tensorboardX import SummaryWriter  # lazy: only the writing process needs it
 
       path = Path(workdir) / "metrics.jsonl"
-      torn = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+      torn = path.exists() and path.stat().st_size and _last_byte(path) != b"\n"
       self._jsonl = open(path, "a")
       if torn:  # a kill mid-write left half a line: start the next record on its own line
         self._jsonl.write("\n")
@@ -45,6 +45,12 @@ class MetricWriter:
     if self.enabled:
       self._jsonl.close()
       self._tensorboard.close()
+
+
+def _last_byte(path: Path) -> bytes:
+  with open(path, "rb") as f:
+    f.seek(-1, 2)
+    return f.read(1)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

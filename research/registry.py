@@ -72,3 +72,10 @@ datasets = Registry("dataset", ("research.data.sources", "research.data.text"))
 optimizers = Registry("optimizer", ("research.optim",))
 schedules = Registry("schedule", ("research.optim",))
 losses = Registry("loss", ("research.losses",))
+
+
+def build_model(config, dataset):
+  """The model `config.model` names, with what the data says (classes or vocabulary
+  size, `dataset.model_kwargs`) and the compute dtype filled in."""
+  kwargs = {k: v for k, v in config.model.items() if k != "name"}
+  return models.get(config.model.name)(**kwargs, **dataset.model_kwargs, dtype=config.dtype)

@@ -181,10 +181,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   derived = derived_values(config, dataset.num_train_examples)
   total_steps = derived["total_steps"]
 
-  model_kwargs = {k: v for k, v in config.model.items() if k != "name"}
-  model = registry.models.get(config.model.name)(
-    **model_kwargs, **dataset.model_kwargs, dtype=config.dtype
-  )
+  model = registry.build_model(config, dataset)
   loss_kwargs = {k: v for k, v in config.loss.items() if k != "name"}
   loss_fn = registry.losses.get(config.loss.name)(**loss_kwargs)
   tx, schedule = optim.make_optimizer(config.optimizer, config.schedule, total_steps)

@@ -122,7 +122,7 @@ def load_arrays(builder, split: str) -> dict[str, np.ndarray]:
   TensorFlow and decoding the images: ~10 s less start-up for MNIST.
   """
   check_split(builder, split)
-  cache = Path(builder.data_dir) / "research_arrays" / f"{urllib.parse.quote(split, safe='')}.npz"
+  cache = cache_path(builder, split, ".npz")
   if cache.is_file():
     with np.load(cache) as saved:
       return {"inputs": saved["inputs"], "targets": saved["targets"]}
@@ -131,6 +131,13 @@ def load_arrays(builder, split: str) -> dict[str, np.ndarray]:
   arrays = {"inputs": arrays["image"], "targets": arrays["label"].astype(np.int32)}
   write_atomically(cache, lambda path: np.savez(path, **arrays))
   return arrays
+
+
+def cache_path(builder, split: str, suffix: str) -> Path:
+  """Where a split's decoded contents are cached, beside TFDS's prepared data."""
+  return (
+    Path(builder.data_dir) / "research_arrays" / f"{urllib.parse.quote(split, safe='')}{suffix}"
+  )
 
 
 def write_atomically(path: Path, write) -> None:

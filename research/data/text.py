@@ -12,7 +12,6 @@ Shapes: B batch, L length (seq_len), N number of windows.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 
@@ -110,7 +109,7 @@ def load_texts(builder, splits) -> dict[str, str]:
   texts = {}
   for split in splits:
     sources.check_split(builder, split)
-    cache = Path(builder.data_dir) / "research_arrays" / f"{split}.txt"
+    cache = sources.cache_path(builder, split, ".txt")
     if cache.is_file():
       texts[split] = cache.read_text(encoding="utf-8")
       continue
