@@ -44,6 +44,10 @@ def base() -> ml_collections.ConfigDict:
       train_split="train",
       eval_split="test",
       seq_len=0,  # text datasets: tokens per training example (image datasets: unused, 0)
+      # Image preprocessing, ops joined by "|" (research/data/preprocess.py), e.g.
+      # "pad(4)|random_crop(32)|flip_lr"; random ops only in pp_train.
+      pp_train="",
+      pp_eval="",
     )
   )
   config.model = ml_collections.ConfigDict(dict(name="softmax_regression"))
@@ -282,6 +286,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   except registry.UnknownNameError as e:
     raise ConfigError(f"config.data.name: {e}") from None
 
+  _check_preprocessing(config.data)
+
   opt = config.optimizer
   _require(
     opt.learning_rate > 0, f"config.optimizer.learning_rate={opt.learning_rate}: must be > 0"
@@ -320,6 +326,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for axis in MESH_AXES:
     size = config.mesh[axis]
     _require(size > 0 or size == -1, f"config.mesh.{axis}={size}: must be > 0, or -1 to fill")
+
+
+def _check_preprocessing(data) -> None:
+  from research.data import preprocess
+
+  for key in ("pp_train", "pp_eval"):
+    try:
+      pipeline = preprocess.Pipeline(data[key])
+    except (ValueError, registry.UnknownNameError) as e:
+      raise ConfigError(f"config.data.{key}={data[key]!r}: {e}") from None
+    _require(
+      key == "pp_train" or not pipeline.random,
+      f"config.data.pp_eval={data.pp_eval!r}: random ops belong in pp_train only "
+      "(evaluation must see the same examples every time)",
+    )
 
 
 # --- Command-line overrides.

@@ -33,8 +33,11 @@ class StepLoader:
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    pipeline=None,
   ):
+    """`pipeline`: a `preprocess.Pipeline` applied to each batch's inputs (augmentation)."""
     self.arrays = arrays
+    self.pipeline = pipeline
     self.num_examples = len(next(iter(arrays.values())))
     self.global_batch_size = global_batch_size
     self.seed = seed
@@ -62,7 +65,13 @@ class StepLoader:
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     """This process's slice of the global batch of `step`."""
     indices = self.global_indices(step)[self._rows]
-    return {key: value[indices] for key, value in self.arrays.items()}
+    batch = {key: value[indices] for key, value in self.arrays.items()}
+    if self.pipeline is not None:
+      from research.data import preprocess
+
+      draws = preprocess.Draws(self.seed, step, self._rows, self.global_batch_size)
+      batch["inputs"] = self.pipeline(batch["inputs"], draws)
+    return batch
 
 
 def eval_batches(

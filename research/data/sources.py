@@ -30,8 +30,9 @@ class ArrayDataset:
   """A dataset small enough to hold in memory: splits of {"inputs", "targets"} arrays."""
 
   train: dict[str, np.ndarray]
-  eval: dict[str, np.ndarray]
+  eval: dict[str, np.ndarray]  # preprocessed already (deterministic ops only)
   num_classes: int
+  pp_train: str = ""  # applied per training batch: augmentation draws from (seed, step)
 
   @property
   def num_train_examples(self) -> int:
@@ -43,7 +44,12 @@ class ArrayDataset:
     return {"num_classes": self.num_classes}
 
   def train_loader(self, global_batch_size, seed, process_index=0, process_count=1):
-    return loader.StepLoader(self.train, global_batch_size, seed, process_index, process_count)
+    from research.data import preprocess
+
+    pipeline = preprocess.Pipeline(self.pp_train) if self.pp_train else None
+    return loader.StepLoader(
+      self.train, global_batch_size, seed, process_index, process_count, pipeline
+    )
 
 
 def _import_tfds(with_tensorflow: bool = True):
@@ -154,13 +160,36 @@ def write_atomically(path: Path, write) -> None:
     logging.warning("not caching %s (%s)", path, e)
 
 
+def with_preprocessing(dataset: ArrayDataset, data_config) -> ArrayDataset:
+  """The eval split through pp_eval (once), and pp_train attached to the training loader;
+  both must give the model the same image shape and dtype."""
+  from research.data import preprocess
+
+  pp_eval = preprocess.Pipeline(data_config.pp_eval)
+  eval_arrays = {**dataset.eval, "inputs": pp_eval(dataset.eval["inputs"])}
+  sample = dataset.train["inputs"][:2]
+  draws = preprocess.Draws(0, 0, slice(0, 2), 2)
+  trained_on = preprocess.Pipeline(data_config.pp_train)(sample, draws)
+  evaluated_on = eval_arrays["inputs"]
+  if trained_on.shape[1:] != evaluated_on.shape[1:] or trained_on.dtype != evaluated_on.dtype:
+    raise DataError(
+      f"config.data.pp_train={data_config.pp_train!r} gives images of shape "
+      f"{trained_on.shape[1:]} {trained_on.dtype}, config.data.pp_eval={data_config.pp_eval!r} "
+      f"gives {evaluated_on.shape[1:]} {evaluated_on.dtype}; they must agree"
+    )
+  return dataclasses.replace(dataset, eval=eval_arrays, pp_train=data_config.pp_train)
+
+
 def _image_classification(tfds_name: str):
   def load(data_config) -> ArrayDataset:
     builder = prepare(tfds_name, data_config.raw_dir, data_config.data_dir)
-    return ArrayDataset(
-      train=load_arrays(builder, data_config.train_split),
-      eval=load_arrays(builder, data_config.eval_split),
-      num_classes=builder.info.features["label"].num_classes,
+    return with_preprocessing(
+      ArrayDataset(
+        train=load_arrays(builder, data_config.train_split),
+        eval=load_arrays(builder, data_config.eval_split),
+        num_classes=builder.info.features["label"].num_classes,
+      ),
+      data_config,
     )
 
   load.__doc__ = f"TFDS {tfds_name!r}, held in memory as uint8 NHWC images and int32 labels."

@@ -130,6 +130,9 @@ def tiny_shakespeare(data_config) -> TextDataset:
     raise sources.DataError(
       f"config.data.seq_len={data_config.seq_len}: tiny_shakespeare needs a window length > 0"
     )
+  for key in ("pp_train", "pp_eval"):
+    if data_config[key]:
+      raise sources.DataError(f"config.data.{key}={data_config[key]!r}: text takes no image ops")
   builder = sources.prepare("tiny_shakespeare", data_config.raw_dir, data_config.data_dir)
   texts = load_texts(builder, sorted(builder.info.splits))
   for split in (data_config.train_split, data_config.eval_split):
