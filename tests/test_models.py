@@ -38,7 +38,7 @@ def test_init_apply_shapes(name, dtype):
     variables, x_BxHxWxC, train=True, rngs={"dropout": jax.random.key(1)}, mutable=state
   )
   assert logits.shape == (3, 7)
-  assert logits.dtype == jnp.dtype(dtype) or name == "resnet_cifar"  # its head is fp32
+  assert logits.dtype == jnp.dtype(dtype) or name in ("resnet_cifar", "vit")  # fp32 heads
   assert set(updated) == set(state)
 
 
@@ -69,6 +69,27 @@ def test_param_counts_match_the_architectures():
   # He et al. 2016, table 6: ResNet-20 has 0.27M parameters. Here 272,186 (with the
   # two option-B projections) plus 1,568 BatchNorm statistics (mean and variance).
   assert count("resnet_cifar", depth=20) == 272_186 + 1_568
+  # ViT, 4x4 patches, width 128, 6 blocks, MLP 2x: patch embedding 16*128 + 128, class
+  # token 128, positions 50*128, per block 2 norms + 4*128^2 attention + 2*128*256 MLP,
+  # final norm 128, head 128*10 + 10.
+  block = 2 * 128 + 4 * 128**2 + 2 * 128 * 256
+  vit = dict(patch_size=4, num_layers=6, num_heads=4, embed_dim=128, mlp_ratio=2)
+  assert count("vit", **vit) == 2_176 + 128 + 6_400 + 6 * block + 128 + 1_290 == 798_090
+  assert count("vit", **vit, pool="mean") == 798_090 - 128 - 128  # no class token or its position
+
+
+def test_vit_patches_are_row_major_and_see_the_whole_image():
+  from research.models import vit
+
+  x_BxHxWxC = jnp.arange(2 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 8, 3)
+  patches_BxNxF = vit.patchify(x_BxHxWxC, 4)
+  assert patches_BxNxF.shape == (2, 4, 48)
+  np.testing.assert_array_equal(patches_BxNxF[1, 1].reshape(4, 4, 3), x_BxHxWxC[1, :4, 4:])
+  # Full attention: changing the last patch changes the class-token output.
+  model = registry.models.get("vit")(num_layers=1, embed_dim=16, num_heads=2, patch_size=4)
+  variables = model.init(jax.random.key(0), x_BxHxWxC, train=False)
+  y = model.apply(variables, x_BxHxWxC)
+  assert not np.allclose(y, model.apply(variables, x_BxHxWxC.at[:, 4:, 4:].add(1.0)))
 
 
 @pytest.mark.parametrize("padding", ["VALID", "SAME"])

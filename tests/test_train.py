@@ -308,3 +308,13 @@ def test_batchnorm_statistics_train_checkpoint_and_resume_bitwise(config, tmp_pa
   assert resumed.keys() == arrays.keys()
   for name, value in arrays.items():
     np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+
+
+def test_vit_learns_mnist(config, tmp_path):
+  config.model = config_lib.entry(
+    "model", "vit", patch_size=7, num_layers=2, num_heads=2, embed_dim=32, mlp_ratio=2
+  )
+  config.optimizer = config_lib.entry("optimizer", "adamw", learning_rate=3e-3)
+  config.num_train_steps, config.checkpoint_every_steps = 150, 150
+  final = train.train_and_evaluate(config, str(tmp_path))
+  assert final["accuracy"] > 0.7  # 10% is chance

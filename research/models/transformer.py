@@ -49,7 +49,11 @@ def rotary(x_BxLxHxK: jax.Array, positions_L: jax.Array) -> jax.Array:
   return rotated.astype(x_BxLxHxK.dtype)
 
 
-class CausalSelfAttention(nn.Module):
+class Attention(nn.Module):
+  """Multi-head dot-product attention: causal self-attention (decoders), full
+  self-attention (encoders, `causal=False`) or cross-attention (`context` given:
+  keys and values from the encoder; `mask_BxS` marks its real tokens)."""
+
   num_heads: int
   head_dim: int
   positions: str
@@ -57,33 +61,46 @@ class CausalSelfAttention(nn.Module):
   out_stddev: float
   dtype: jnp.dtype
   max_len: int
+  causal: bool = True
 
   @nn.compact
   def __call__(
-    self, x_BxLxD: jax.Array, positions_L: jax.Array, train: bool, decode: bool = False
+    self,
+    x_BxLxD: jax.Array,
+    positions_L: jax.Array,
+    train: bool,
+    decode: bool = False,
+    context_BxSxD: jax.Array | None = None,
+    mask_BxS: jax.Array | None = None,
   ) -> jax.Array:
     width = x_BxLxD.shape[-1]
     shape_DxHxK = (width, self.num_heads, self.head_dim)
 
-    def project(name):
+    def project(name, source):
       kernel_DxHxK = self.param(name, _init(0.02, ("embed", "heads", "kv")), shape_DxHxK)
-      return jnp.einsum("bld,dhk->blhk", x_BxLxD, kernel_DxHxK.astype(self.dtype))
+      return jnp.einsum("bld,dhk->blhk", source, kernel_DxHxK.astype(self.dtype))
 
-    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = project("query"), project("key"), project("value")
-    if self.positions == "rotary":
-      q_BxLxHxK, k_BxLxHxK = rotary(q_BxLxHxK, positions_L), rotary(k_BxLxHxK, positions_L)
+    source = x_BxLxD if context_BxSxD is None else context_BxSxD
+    q_BxLxHxK, k_BxSxHxK, v_BxSxHxK = (
+      project("query", x_BxLxD), project("key", source), project("value", source)
+    )  # fmt: skip
+    if self.positions == "rotary" and context_BxSxD is None:
+      q_BxLxHxK, k_BxSxHxK = rotary(q_BxLxHxK, positions_L), rotary(k_BxSxHxK, positions_L)
     q_BxLxHxK = layers.constrain(q_BxLxHxK, ("batch", None, "heads", "kv"))
     key_positions_S = positions_L
-    if decode:  # keys and values of earlier calls live in the "cache" collection
-      k_BxLxHxK, v_BxLxHxK, key_positions_S = self._cached(k_BxLxHxK, v_BxLxHxK, positions_L)
-    # S: key positions (L, or max_len with the cache).
-    logits_BxHxLxS = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK).astype(jnp.float32)
+    if decode and context_BxSxD is None:  # earlier calls' keys and values: the "cache"
+      k_BxSxHxK, v_BxSxHxK, key_positions_S = self._cached(k_BxSxHxK, v_BxSxHxK, positions_L)
+    logits_BxHxLxS = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxSxHxK).astype(jnp.float32)
     logits_BxHxLxS = logits_BxHxLxS / jnp.sqrt(self.head_dim).astype(jnp.float32)
-    causal_LxS = positions_L[:, None] >= key_positions_S[None, :]
-    logits_BxHxLxS = jnp.where(causal_LxS, logits_BxHxLxS, jnp.finfo(jnp.float32).min)
+    visible_BxHxLxS = jnp.ones((1, 1, 1, 1), bool)
+    if self.causal and context_BxSxD is None:
+      visible_BxHxLxS = (positions_L[:, None] >= key_positions_S[None, :])[None, None]
+    if mask_BxS is not None:
+      visible_BxHxLxS = visible_BxHxLxS & mask_BxS[:, None, None, :]
+    logits_BxHxLxS = jnp.where(visible_BxHxLxS, logits_BxHxLxS, jnp.finfo(jnp.float32).min)
     weights_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1).astype(self.dtype)
     weights_BxHxLxS = nn.Dropout(self.dropout, deterministic=not train)(weights_BxHxLxS)
-    y_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", weights_BxHxLxS, v_BxLxHxK)
+    y_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", weights_BxHxLxS, v_BxSxHxK)
     out_HxKxD = self.param(
       "out", _init(self.out_stddev, ("heads", "kv", "embed")), shape_DxHxK[1:] + (width,)
     )
@@ -184,7 +201,7 @@ class TransformerLM(nn.Module):
     x_BxLxD = layers.constrain(x_BxLxD, ("batch", None, "embed"))
     for i in range(self.num_layers):
       h_BxLxD = _norm(self.norm, f"block_{i}_norm_1")(x_BxLxD).astype(dtype)
-      h_BxLxD = CausalSelfAttention(
+      h_BxLxD = Attention(
         self.num_heads, self.embed_dim // self.num_heads, self.positions, self.dropout,
         out_stddev, dtype, self.max_len, name=f"block_{i}_attention",
       )(h_BxLxD, positions_L, train, decode)  # fmt: skip

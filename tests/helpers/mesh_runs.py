@@ -14,7 +14,13 @@ from research import config as config_lib
 from research import train
 from research.metrics import read_jsonl
 
-EXPERIMENTS = {"mlp": "mnist_mlp.py", "cnn": "mnist_cnn.py", "lm": "shakespeare_char.py"}
+EXPERIMENTS = {
+  "mlp": "mnist_mlp.py",
+  "cnn": "mnist_cnn.py",
+  "lm": "shakespeare_char.py",
+  "resnet": "fashion_mnist_resnet20.py",
+  "vit": "fashion_mnist_vit.py",
+}
 
 
 def run(
@@ -26,8 +32,14 @@ def run(
     config.model.update(num_layers=2, num_heads=4, embed_dim=64)
     config.global_batch_size, config.eval_batch_size = 16, 64
   else:
+    config.data.name = "mnist"
     config.data.raw_dir, config.data.eval_split = raw_dir, "test[:1000]"
     config.global_batch_size, config.eval_batch_size = 32, 200
+  if model == "resnet":  # BatchNorm over the global batch, augmentation, momentum SGD
+    config.model.update(depth=8, width=8)
+    config.optimizer.learning_rate = 0.02
+  if model == "vit":
+    config.model.update(num_layers=2, num_heads=4, embed_dim=32, patch_size=7)
   config.num_train_steps = steps
   config.log_every_steps = 1
   # "warmup_cosine": the experiments' schedule shape, fitted to the run. At a

@@ -1,0 +1,99 @@
+"""Vision Transformer (Dosovitskiy et al. 2021): patches -> pre-norm Transformer encoder.
+
+Shapes: B batch, H height, W width, C channels, P patch size, N patches (+1 with
+the class token), D width (embed), K classes.
+
+Parameters carry the same logical axes as the Transformer LM's (embed, heads,
+kv, mlp), so the same sharding rules give FSDP and tensor parallelism.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from research import registry
+from research.models import layers
+from research.models.transformer import Attention, MLPBlock, _init, _norm
+
+POOLS = ("cls", "mean")
+
+
+class EncoderBlock(nn.Module):
+  """x + attention(norm(x)), then x + mlp(norm(x)); full (not causal) self-attention."""
+
+  num_heads: int
+  mlp_ratio: int
+  dropout: float
+  out_stddev: float
+  dtype: jnp.dtype
+  norm: str = "layernorm"
+
+  @nn.compact
+  def __call__(self, x_BxNxD: jax.Array, train: bool, mask_BxN: jax.Array | None = None):
+    width = x_BxNxD.shape[-1]
+    positions_N = jnp.arange(x_BxNxD.shape[1])
+    drop = nn.Dropout(self.dropout, deterministic=not train)
+    h_BxNxD = _norm(self.norm, "norm_1")(x_BxNxD).astype(self.dtype)
+    h_BxNxD = Attention(
+      self.num_heads, width // self.num_heads, "learned", self.dropout, self.out_stddev,
+      self.dtype, x_BxNxD.shape[1], causal=False, name="attention",
+    )(h_BxNxD, positions_N, train, mask_BxS=mask_BxN)  # fmt: skip
+    x_BxNxD = x_BxNxD + drop(h_BxNxD)
+    h_BxNxD = _norm(self.norm, "norm_2")(x_BxNxD).astype(self.dtype)
+    h_BxNxD = MLPBlock(self.mlp_ratio * width, self.out_stddev, self.dtype, name="mlp")(h_BxNxD)
+    return x_BxNxD + drop(h_BxNxD)
+
+
+def patchify(x_BxHxWxC: jax.Array, patch: int) -> jax.Array:
+  """(B, H, W, C) -> (B, N, P*P*C), patches in row-major order."""
+  b, h, w, c = x_BxHxWxC.shape
+  if h % patch or w % patch:
+    raise ValueError(f"model.patch_size={patch} does not divide the image size {h}x{w}")
+  x = x_BxHxWxC.reshape(b, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+@registry.models.register("vit")
+class ViT(nn.Module):
+  """Images (B, H, W, C) -> class logits (B, K)."""
+
+  num_classes: int = 10
+  patch_size: int = 4
+  num_layers: int = 6
+  num_heads: int = 4
+  embed_dim: int = 128
+  mlp_ratio: int = 4
+  pool: str = "cls"  # or "mean" over the patch tokens
+  dropout: float = 0.0
+  dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array, *, train: bool = False) -> jax.Array:
+    if self.pool not in POOLS:
+      raise ValueError(f"model.pool={self.pool!r}: valid: {', '.join(POOLS)}")
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f"model.embed_dim={self.embed_dim} is not divisible by num_heads")
+    dtype = layers.compute_dtype(self.dtype)
+    patches_BxNxF = patchify(x_BxHxWxC.astype(dtype), self.patch_size)
+    x_BxNxD = layers.dense(self.embed_dim, (None, "embed"), dtype, "patch_embedding")(patches_BxNxF)
+    if self.pool == "cls":
+      cls_1x1xD = self.param("cls", _init(0.02, (None, None, "embed")), (1, 1, self.embed_dim))
+      cls_Bx1xD = jnp.broadcast_to(cls_1x1xD, (x_BxNxD.shape[0], 1, self.embed_dim))
+      x_BxNxD = jnp.concatenate([cls_Bx1xD.astype(dtype), x_BxNxD], axis=1)
+    positions_NxD = self.param(
+      "position_embedding", _init(0.02, (None, "embed")), x_BxNxD.shape[1:]
+    )
+    x_BxNxD = x_BxNxD + positions_NxD.astype(dtype)
+    x_BxNxD = nn.Dropout(self.dropout, deterministic=not train)(x_BxNxD)
+    x_BxNxD = layers.constrain(x_BxNxD, ("batch", None, "embed"))
+    out_stddev = 0.02 / (2 * self.num_layers) ** 0.5
+    for i in range(self.num_layers):
+      x_BxNxD = EncoderBlock(
+        self.num_heads, self.mlp_ratio, self.dropout, out_stddev, dtype, name=f"block_{i}"
+      )(x_BxNxD, train)
+    x_BxNxD = _norm("layernorm", "final_norm")(x_BxNxD)
+    x_BxD = x_BxNxD[:, 0] if self.pool == "cls" else jnp.mean(x_BxNxD, axis=1)
+    logits_BxK = layers.dense(self.num_classes, ("embed", "classes"), dtype, "head")(x_BxD)
+    return logits_BxK.astype(jnp.float32)
