@@ -48,6 +48,7 @@ def base() -> ml_collections.ConfigDict:
       # "pad(4)|random_crop(32)|flip_lr"; random ops only in pp_train.
       pp_train="",
       pp_eval="",
+      vocab_size=0,  # datasets that train a subword tokenizer (translation): its size
     )
   )
   config.model = ml_collections.ConfigDict(dict(name="softmax_regression"))
@@ -63,6 +64,10 @@ def base() -> ml_collections.ConfigDict:
     )
   )
   config.schedule = ml_collections.ConfigDict(dict(name="constant"))
+  # Sequence generation in evaluation (translation: BLEU of beam search on eval_split).
+  config.decode = ml_collections.ConfigDict(
+    dict(beam_size=4, length_penalty=0.6, max_new_tokens=0)  # 0: source length + 50, as fairseq
+  )
   config.global_batch_size = 128
   config.eval_batch_size = 1000
   config.grad_accum_steps = 1  # microbatches per step: gradients accumulated, one update

@@ -1,7 +1,9 @@
-"""Print samples from a trained language model.
+"""Print samples from a trained language model, or translations from a trained translator.
 
     python -m research.generate --workdir=runs/shakespeare_char --prompt="ROMEO:" \
         --num_tokens=500 --temperature=0.8 --top_k=200
+    python -m research.generate --workdir=runs/multi30k_de_en \
+        --source="Ein Mann fährt Fahrrad." --beam_size=4
 
 Reads the run's config.json, its dataset's vocabulary, and the latest (or
 --step) checkpoint; samples with a key/value cache (research.decoding).
@@ -25,6 +27,8 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 200, "Keep the k most likely tokens; 0 keeps all.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Keep the nucleus of this probability; 1 keeps all.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_SOURCE = flags.DEFINE_multi_string("source", [], "Translators: sentences to translate.")
+_BEAM_SIZE = flags.DEFINE_integer("beam_size", 4, "Translators: beams; 1 is greedy.")
 
 
 class GenerateError(ValueError):
@@ -42,14 +46,14 @@ def load_model(workdir: Path, step: int | None):
     raise GenerateError(f"--workdir={workdir}: no config.json (not a training run's workdir)")
   config = ml_collections.ConfigDict(json.loads(config_path.read_text())["config"])
   dataset = registry.datasets.get(config.data.name)(config.data)
-  if not hasattr(dataset, "vocab"):
+  if not hasattr(dataset, "vocab") and not hasattr(dataset, "tokenizer"):
     raise GenerateError(f"config.data.name={config.data.name!r} is not a text dataset")
   model = registry.build_model(config, dataset)
   try:
     step, state = checkpoint.read_tree(workdir / "checkpoints", step)
   except FileNotFoundError as e:
     raise GenerateError(str(e)) from None
-  return model, state["params"], dataset.vocab, step
+  return model, state["params"], dataset, step
 
 
 def main(argv):
@@ -65,7 +69,10 @@ def main(argv):
 
   try:
     step = None if _STEP.value < 0 else _STEP.value
-    model, params, vocab, step = load_model(Path(_WORKDIR.value), step)
+    model, params, dataset, step = load_model(Path(_WORKDIR.value), step)
+    if hasattr(dataset, "tokenizer"):
+      return translate(model, params, dataset, step)
+    vocab = dataset.vocab
     prompt_P = vocab.encode(_PROMPT.value)
   except (GenerateError, DataError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -79,6 +86,17 @@ def main(argv):
   for row in tokens_BxN:
     print(_PROMPT.value + vocab.decode(row))
     print("---------------")
+
+
+def translate(model, params, dataset, step):
+  from research import decoding
+
+  if not _SOURCE.value:
+    raise GenerateError("--source is required for a translation model (repeat it for more)")
+  ids_NxT = decoding.translate(model, params, dataset.encode(_SOURCE.value), _BEAM_SIZE.value)
+  print(f"# {_WORKDIR.value}, step {step}, beam size {_BEAM_SIZE.value}")
+  for source, translation in zip(_SOURCE.value, dataset.decode(ids_NxT), strict=True):
+    print(f"{source}\n  -> {translation}")
 
 
 if __name__ == "__main__":

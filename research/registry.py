@@ -68,7 +68,9 @@ class Registry:
 
 
 models = Registry("model", ("research.models",))
-datasets = Registry("dataset", ("research.data.sources", "research.data.text"))
+datasets = Registry(
+  "dataset", ("research.data.sources", "research.data.text", "research.data.translation")
+)
 optimizers = Registry("optimizer", ("research.optim",))
 schedules = Registry("schedule", ("research.optim",))
 losses = Registry("loss", ("research.losses",))

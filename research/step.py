@@ -1,10 +1,12 @@
 """The train state and the pure train and eval steps (no I/O; jitted by the trainer).
 
-A batch is {"inputs", "targets"} (and "mask" in evaluation). Images come as
-uint8 and become float32 in [0, 1] on the device; token ids pass unchanged.
-Targets are labels (B,) or next tokens (B, L): losses and accuracy are per
-target, averaged over every target of the batch, and in evaluation summed per
-example as the mean over its targets.
+A batch is {"inputs", "targets"} (and "mask" in evaluation), plus
+"decoder_inputs" for encoder-decoder models (passed as the model's second
+argument). Images come as uint8 and become float32 in [0, 1] on the device;
+token ids pass unchanged. Targets are labels (B,) or next tokens (B, L); a
+negative target is padding and counts nowhere. Losses and accuracy are per
+target, averaged over every real target of the batch; evaluation sums each
+example's mean over its targets, and the targets' own sums.
 
 Shapes: B batch, L length, K classes (or vocabulary), ... any trailing target axes.
 """
@@ -44,6 +46,13 @@ def model_inputs(inputs: jax.Array) -> jax.Array:
   if inputs.dtype == jnp.uint8:
     return inputs.astype(jnp.float32) / 255.0
   return inputs
+
+
+def model_args(batch) -> tuple:
+  """The model's positional inputs: (inputs,) or (inputs, decoder_inputs)."""
+  if "decoder_inputs" in batch:
+    return (model_inputs(batch["inputs"]), batch["decoder_inputs"])
+  return (model_inputs(batch["inputs"]),)
 
 
 def init_state(
@@ -92,12 +101,14 @@ def make_train_step(
   def objective(params, model_state, inputs, targets_Bx_, dropout_rng):
     with sharding_context():
       logits_Bx_xK, model_state = model.apply(
-        {"params": params, **model_state}, inputs, train=True, rngs={"dropout": dropout_rng},
+        {"params": params, **model_state}, *inputs, train=True, rngs={"dropout": dropout_rng},
         mutable=list(model_state),
       )  # fmt: skip
-    data_loss = jnp.mean(loss_fn(logits_Bx_xK, targets_Bx_))
+    real_Bx_ = (targets_Bx_ >= 0).astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(real_Bx_), 1.0)
+    data_loss = jnp.sum(loss_fn(logits_Bx_xK, targets_Bx_) * real_Bx_) / count
     total = data_loss + optim.penalty(params, l1_penalty, l2_penalty)
-    accuracy = jnp.mean(jnp.argmax(logits_Bx_xK, -1) == targets_Bx_)
+    accuracy = jnp.sum((jnp.argmax(logits_Bx_xK, -1) == targets_Bx_) * real_Bx_) / count
     return total, (data_loss, accuracy, dict(model_state))
 
   gradients = jax.value_and_grad(objective, has_aux=True)
@@ -119,15 +130,14 @@ def make_train_step(
 
     scalar = jnp.zeros((), jnp.float32)
     zeros = (scalar, scalar, scalar, jax.tree.map(jnp.zeros_like, params))
-    slices = (split(inputs), split(targets), jnp.arange(microbatches))
+    slices = (jax.tree.map(split, inputs), split(targets), jnp.arange(microbatches))
     (sums, model_state), _ = jax.lax.scan(add, (zeros, model_state), slices)
     total, data_loss, accuracy, grads = jax.tree.map(lambda x: x / microbatches, sums)
     return (total, (data_loss, accuracy, model_state)), grads
 
   def train_step(state: TrainState, batch):
     dropout_rng = jax.random.fold_in(dropout_key, state.step)
-    inputs = model_inputs(batch["inputs"])
-    args = (state.params, state.model_state, inputs, batch["targets"], dropout_rng)
+    args = (state.params, state.model_state, model_args(batch), batch["targets"], dropout_rng)
     step_fn = gradients if microbatches == 1 else accumulated
     (total, (data_loss, accuracy, model_state)), grads = step_fn(*args)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -164,15 +174,21 @@ def make_eval_step(
 
   def eval_step(variables, batch):
     with sharding_context():
-      logits_Bx_xK = model.apply(variables, model_inputs(batch["inputs"]), train=False)
+      logits_Bx_xK = model.apply(variables, *model_args(batch), train=False)
     targets_Bx_ = batch["targets"]
-    per_example = lambda x: x.reshape(x.shape[0], -1).mean(-1)  # noqa: E731  over L, ...
     mask_B = batch["mask"].astype(jnp.float32)
-    correct_B = per_example((jnp.argmax(logits_Bx_xK, -1) == targets_Bx_).astype(jnp.float32))
+    real_BxT = (targets_Bx_ >= 0).reshape(targets_Bx_.shape[0], -1).astype(jnp.float32)
+    real_BxT = real_BxT * mask_B[:, None]
+    loss_BxT = loss_fn(logits_Bx_xK, targets_Bx_).reshape(real_BxT.shape)
+    correct_BxT = (jnp.argmax(logits_Bx_xK, -1) == targets_Bx_).reshape(real_BxT.shape)
+    per_target = jnp.maximum(jnp.sum(real_BxT, axis=1), 1.0)
     return {
-      "loss_sum": jnp.sum(per_example(loss_fn(logits_Bx_xK, targets_Bx_)) * mask_B),
-      "correct": jnp.sum(correct_B * mask_B),
+      "loss_sum": jnp.sum(jnp.sum(loss_BxT * real_BxT, axis=1) / per_target),
+      "correct": jnp.sum(jnp.sum(correct_BxT * real_BxT, axis=1) / per_target),
       "count": jnp.sum(mask_B),
+      "target_loss_sum": jnp.sum(loss_BxT * real_BxT),
+      "target_correct": jnp.sum(correct_BxT * real_BxT),
+      "target_count": jnp.sum(real_BxT),
     }
 
   return eval_step

@@ -15,6 +15,7 @@ import json
 import logging as logging_std
 import math
 import os
+import re
 import sys
 import time
 import zlib
@@ -131,9 +132,11 @@ def evaluate(eval_step, variables, arrays, eval_batch_size, sharding, process_in
     "loss": totals["loss_sum"] / totals["count"],
     "accuracy": totals["correct"] / totals["count"],
   }
-  if arrays["targets"].ndim > 1:  # every example has the same number of targets
-    metrics["perplexity"] = math.exp(metrics["loss"])
-    metrics["bits_per_token"] = metrics["loss"] / math.log(2)
+  if arrays["targets"].ndim > 1:  # sequences: per-token figures over every real target
+    token_loss = totals["target_loss_sum"] / totals["target_count"]
+    metrics["token_accuracy"] = totals["target_correct"] / totals["target_count"]
+    metrics["perplexity"] = math.exp(token_loss)
+    metrics["bits_per_token"] = token_loss / math.log(2)
   return metrics
 
 
@@ -307,6 +310,17 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
 
     preemption.close()  # a SIGTERM during the final evaluation stops the process as usual
     final = run_eval(state.variables())
+    if hasattr(dataset, "generation_metrics"):  # e.g. BLEU of translations
+      t_generate = time.perf_counter()
+      params = jax.device_get(state.params)
+      generated, lines = dataset.generation_metrics(model, params, config.decode)
+      final.update(generated)
+      logging.info("[TIMING] generation on %s: %.1fs", config.data.eval_split,
+                   time.perf_counter() - t_generate)  # fmt: skip
+      if process_index == 0:
+        split = re.sub(r"[^\w.-]+", "_", config.data.eval_split).strip("_")
+        outputs = workdir / f"generated_{split}_{total_steps}.txt"
+        outputs.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
     writer.write(total_steps, config.data.eval_split, final)
     if process_index == 0:
       logging.info(

@@ -1,3 +1,3 @@
 """Flax linen models, registered by name in `research.registry.models`."""
 
-from research.models import cnn, mlp, resnet, transformer, vit  # noqa: F401  (registers the models)
+from research.models import cnn, mlp, resnet, seq2seq, transformer, vit  # noqa: F401  (registers)

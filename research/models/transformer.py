@@ -62,6 +62,7 @@ class Attention(nn.Module):
   dtype: jnp.dtype
   max_len: int
   causal: bool = True
+  qkv_stddev: float = 0.02  # GPT-2's; encoder-decoders use width**-0.5 (see seq2seq)
 
   @nn.compact
   def __call__(
@@ -77,7 +78,7 @@ class Attention(nn.Module):
     shape_DxHxK = (width, self.num_heads, self.head_dim)
 
     def project(name, source):
-      kernel_DxHxK = self.param(name, _init(0.02, ("embed", "heads", "kv")), shape_DxHxK)
+      kernel_DxHxK = self.param(name, _init(self.qkv_stddev, ("embed", "heads", "kv")), shape_DxHxK)
       return jnp.einsum("bld,dhk->blhk", source, kernel_DxHxK.astype(self.dtype))
 
     source = x_BxLxD if context_BxSxD is None else context_BxSxD

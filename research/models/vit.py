@@ -29,6 +29,7 @@ class EncoderBlock(nn.Module):
   out_stddev: float
   dtype: jnp.dtype
   norm: str = "layernorm"
+  qkv_stddev: float = 0.02
 
   @nn.compact
   def __call__(self, x_BxNxD: jax.Array, train: bool, mask_BxN: jax.Array | None = None):
@@ -38,7 +39,7 @@ class EncoderBlock(nn.Module):
     h_BxNxD = _norm(self.norm, "norm_1")(x_BxNxD).astype(self.dtype)
     h_BxNxD = Attention(
       self.num_heads, width // self.num_heads, "learned", self.dropout, self.out_stddev,
-      self.dtype, x_BxNxD.shape[1], causal=False, name="attention",
+      self.dtype, x_BxNxD.shape[1], causal=False, qkv_stddev=self.qkv_stddev, name="attention",
     )(h_BxNxD, positions_N, train, mask_BxS=mask_BxN)  # fmt: skip
     x_BxNxD = x_BxNxD + drop(h_BxNxD)
     h_BxNxD = _norm(self.norm, "norm_2")(x_BxNxD).astype(self.dtype)
