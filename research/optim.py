@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from research import config as config_lib
 from research import registry
 
 # Keys of config.optimizer that every optimizer accepts.
@@ -139,7 +140,10 @@ def factory_keys(optimizer_name: str) -> list[str]:
 
 def make_schedule(schedule_config, learning_rate: float, total_steps: int):
   kwargs = {k: v for k, v in schedule_config.items() if k != "name"}
-  return registry.schedules.get(schedule_config.name)(learning_rate, total_steps, **kwargs)
+  try:
+    return registry.schedules.get(schedule_config.name)(learning_rate, total_steps, **kwargs)
+  except ValueError as e:  # the factories' checks name the schedule's keys
+    raise config_lib.ConfigError(str(e)) from None
 
 
 def make_optimizer(optimizer_config, schedule_config, total_steps: int):

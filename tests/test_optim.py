@@ -48,8 +48,11 @@ def test_schedules():
   cycle = make("one_cycle", pct_start=0.3)
   assert cycle(0) == pytest.approx(1.0 / 25) and cycle(30) == pytest.approx(1.0)
   assert cycle(100) < 1e-4
-  with pytest.raises(ValueError, match="same length"):
+  with pytest.raises(config_lib.ConfigError, match="same length"):
     make("piecewise", boundaries=(1,), scales=())
+  # A config error (one line and exit 2 from the trainer), not a traceback.
+  with pytest.raises(config_lib.ConfigError, match=r"warmup_steps=100 must be < total steps 100"):
+    make("warmup_cosine", warmup_steps=100)
 
 
 def test_decay_mask_skips_biases_and_norms():
