@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -179,6 +181,34 @@ def test_multi30k_names_a_missing_or_damaged_file(tmp_path, multi30k_data_dir):
   (raw / "val.de.gz").unlink()
   with pytest.raises(DataError, match=r"missing raw file .*val.de.gz for multi30k"):
     registry.datasets.get("multi30k_de_en")(data_config(str(raw), str(tmp_path / "d")))
+
+
+def test_data_fsdp_and_tensor_parallel_losses_equal_one_device(multi30k_data_dir, tmp_path):
+  """The encoder-decoder on 8 fake devices (data, FSDP, tensor parallel) as on one."""
+  raw_dir, data_dir = multi30k_data_dir
+  meshes = ("1,1,1", "8,1,1", "2,4,1", "4,1,2")
+  losses = {}
+  for devices, group in ((1, meshes[:1]), (8, meshes[1:])):
+    out = tmp_path / f"losses_{devices}.json"
+    env = dict(
+      os.environ,
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+      PYTHONPATH=str(config_lib.REPO_ROOT),
+    )
+    specs = [f"seq2seq:{mesh}:30:{mesh.replace(',', '_')}:warmup_cosine" for mesh in group]
+    result = subprocess.run(
+      [sys.executable, "tests/helpers/mesh_runs.py", str(out), data_dir, raw_dir,
+       str(tmp_path / "runs"), *specs],
+      capture_output=True, text=True, cwd=config_lib.REPO_ROOT, env=env, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses.update({k.split(":")[1]: v for k, v in json.loads(out.read_text()).items()})
+  assert len(losses["1,1,1"]) == 30
+  for mesh in meshes[1:]:
+    assert losses[mesh] == pytest.approx(losses["1,1,1"], rel=1e-5), mesh
+  table = (tmp_path / "runs" / "4_1_2" / "sharding.md").read_text()
+  assert "| decoder_blocks_0/cross_attention/query | (32, 4, 8) | (embed, heads, kv) |" in table
+  assert "(fsdp, model, -)" in table
 
 
 def test_train_reports_bleu_and_generate_translates(multi30k_data_dir, tmp_path):

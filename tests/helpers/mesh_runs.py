@@ -20,6 +20,7 @@ EXPERIMENTS = {
   "lm": "shakespeare_char.py",
   "resnet": "fashion_mnist_resnet20.py",
   "vit": "fashion_mnist_vit.py",
+  "seq2seq": "multi30k_de_en.py",  # DATA_DIR and RAW_DIR: Multi30K's
 }
 
 
@@ -31,6 +32,11 @@ def run(
   if model == "lm":  # a small Transformer: FSDP shards embed, TP shards heads and mlp
     config.model.update(num_layers=2, num_heads=4, embed_dim=64)
     config.global_batch_size, config.eval_batch_size = 16, 64
+  elif model == "seq2seq":  # encoder, decoder, cross-attention; bucketed batches
+    config.model.update(num_layers=1, num_heads=4, embed_dim=32)
+    config.data.update(raw_dir=raw_dir, vocab_size=1000, eval_split="test[:64]")
+    config.global_batch_size, config.eval_batch_size = 16, 64
+    config.decode.update(beam_size=1, max_new_tokens=8)
   else:
     config.data.name = "mnist"
     config.data.raw_dir, config.data.eval_split = raw_dir, "test[:1000]"
