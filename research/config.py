@@ -232,7 +232,7 @@ def _check_section(config, kind: str, fixed_keys: tuple[str, ...] = ()):
           f"config.{kind}.{key}: wrong type {type(value).__name__} ({value!r}); "
           f"expected {type(param.default).__name__} like {param.default!r}"
         )
-    if "dropout" in key and not 0.0 <= value < 1.0:
+    if ("dropout" in key or key == "stochastic_depth") and not 0.0 <= value < 1.0:
       raise ConfigError(f"config.{kind}.{key}={value}: must be in [0, 1)")
 
 

@@ -13,7 +13,9 @@ from research import registry
 from research.models import layers
 
 MODELS = registry.models.names()
-IMAGE_MODELS = [m for m in MODELS if m != "transformer_lm"]  # the LM: tests/test_transformer.py
+# The LM: tests/test_transformer.py; the encoder-decoder: tests/test_translation.py.
+IMAGE_MODELS = [m for m in MODELS if m not in ("transformer_lm", "transformer_seq2seq")]
+SMALL = {"resnet": dict(depth=18, width=8)}  # ResNet-18's layout at an eighth of its width
 
 
 def test_registry_has_the_issue_models():
@@ -24,6 +26,7 @@ def test_registry_has_the_issue_models():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_init_apply_shapes(name, dtype):
   kwargs = {k: v for k, v in config_lib.entry("model", name).items() if k != "name"}
+  kwargs.update(SMALL.get(name, {}))
   model = registry.models.get(name)(**kwargs, num_classes=7, dtype=dtype)
   x_BxHxWxC = jnp.ones((3, 28, 28, 1))
   variables = model.init(jax.random.key(0), x_BxHxWxC, train=False)
@@ -38,7 +41,7 @@ def test_init_apply_shapes(name, dtype):
     variables, x_BxHxWxC, train=True, rngs={"dropout": jax.random.key(1)}, mutable=state
   )
   assert logits.shape == (3, 7)
-  assert logits.dtype == jnp.dtype(dtype) or name in ("resnet_cifar", "vit")  # fp32 heads
+  assert logits.dtype == jnp.dtype(dtype) or name in ("resnet_cifar", "resnet", "vit")  # fp32
   assert set(updated) == set(state)
 
 
@@ -69,6 +72,7 @@ def test_param_counts_match_the_architectures():
   # He et al. 2016, table 6: ResNet-20 has 0.27M parameters. Here 272,186 (with the
   # two option-B projections) plus 1,568 BatchNorm statistics (mean and variance).
   assert count("resnet_cifar", depth=20) == 272_186 + 1_568
+
   # ViT, 4x4 patches, width 128, 6 blocks, MLP 2x: patch embedding 16*128 + 128, class
   # token 128, positions 50*128, per block 2 norms + 4*128^2 attention + 2*128*256 MLP,
   # final norm 128, head 128*10 + 10.
@@ -76,6 +80,39 @@ def test_param_counts_match_the_architectures():
   vit = dict(patch_size=4, num_layers=6, num_heads=4, embed_dim=128, mlp_ratio=2)
   assert count("vit", **vit) == 2_176 + 128 + 6_400 + 6 * block + 128 + 1_290 == 798_090
   assert count("vit", **vit, pool="mean") == 798_090 - 128 - 128  # no class token or its position
+
+
+@pytest.mark.parametrize(
+  "depth, params", [(18, 11_689_512), (34, 21_797_672), (50, 25_557_032), (101, 44_549_160)]
+)
+def test_imagenet_resnets_have_torchvisions_parameter_counts(depth, params):
+  """torchvision.models.resnet{18,34,50,101}(): the same layers, so the same counts."""
+  model = registry.models.get("resnet")(depth=depth, num_classes=1000)
+  x = jnp.ones((1, 224, 224, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  assert sum(x.size for x in jax.tree.leaves(nn.meta.unbox(variables["params"]))) == params
+  logits = jax.eval_shape(lambda v: model.apply(v, x), nn.meta.unbox(variables))
+  assert logits.shape == (1, 1000)
+
+
+def test_stochastic_depth_drops_whole_branches_per_example_only_in_training():
+  branch = jnp.ones((1000, 4, 4, 2))
+  drop = layers.DropPath(0.25)
+  out = drop.apply({}, branch, True, rngs={"dropout": jax.random.key(0)})
+  kept = np.asarray(out[:, 0, 0, 0]) > 0
+  assert 0.7 < kept.mean() < 0.8  # about 75% of the examples keep their branch ...
+  np.testing.assert_allclose(out[kept], 1 / 0.75)  # ... scaled so the mean is unchanged
+  np.testing.assert_array_equal(out[~kept], 0.0)
+  np.testing.assert_array_equal(drop.apply({}, branch, False), branch)
+  # In the models: training outputs depend on the draw, evaluation does not.
+  for name, kwargs in [("vit", dict(num_layers=2, embed_dim=32)), ("resnet_cifar", dict(depth=8))]:
+    model = registry.models.get(name)(**kwargs, stochastic_depth=0.5)
+    x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))
+    variables = nn.meta.unbox(model.init(jax.random.key(0), x))
+    train = lambda key: model.apply(
+      variables, x, train=True, rngs={"dropout": jax.random.key(key)}, mutable=["batch_stats"]
+    )[0]  # fmt: skip
+    assert not np.allclose(train(1), train(2)), name
 
 
 def test_vit_patches_are_row_major_and_see_the_whole_image():

@@ -59,6 +59,23 @@ def dense(features: int, axes: tuple[str, str], dtype, name: str | None = None):
   return apply
 
 
+class DropPath(nn.Module):
+  """Stochastic depth (Huang et al. 2016): in training, zeroes a residual branch for
+  a random `rate` of the examples and scales the rest by 1 / (1 - rate); the
+  identity in evaluation. Draws from the "dropout" random stream."""
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, branch_Bx_: jax.Array, train: bool) -> jax.Array:
+    if not train or self.rate == 0.0:
+      return branch_Bx_
+    keep = 1.0 - self.rate
+    shape = (branch_Bx_.shape[0],) + (1,) * (branch_Bx_.ndim - 1)
+    kept_Bx_ = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return jnp.where(kept_Bx_, branch_Bx_ / keep, 0.0).astype(branch_Bx_.dtype)
+
+
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
   """Pins the sharding of activation `x` by logical axis names (one per dimension)."""
   return nn.with_logical_constraint(x, axes)

@@ -30,6 +30,7 @@ class EncoderBlock(nn.Module):
   dtype: jnp.dtype
   norm: str = "layernorm"
   qkv_stddev: float = 0.02
+  drop_path: float = 0.0  # stochastic depth: drop each residual branch per example
 
   @nn.compact
   def __call__(self, x_BxNxD: jax.Array, train: bool, mask_BxN: jax.Array | None = None):
@@ -41,10 +42,11 @@ class EncoderBlock(nn.Module):
       self.num_heads, width // self.num_heads, "learned", self.dropout, self.out_stddev,
       self.dtype, x_BxNxD.shape[1], causal=False, qkv_stddev=self.qkv_stddev, name="attention",
     )(h_BxNxD, positions_N, train, mask_BxS=mask_BxN)  # fmt: skip
-    x_BxNxD = x_BxNxD + drop(h_BxNxD)
+    drop_path = layers.DropPath(self.drop_path)
+    x_BxNxD = x_BxNxD + drop_path(drop(h_BxNxD), train)
     h_BxNxD = _norm(self.norm, "norm_2")(x_BxNxD).astype(self.dtype)
     h_BxNxD = MLPBlock(self.mlp_ratio * width, self.out_stddev, self.dtype, name="mlp")(h_BxNxD)
-    return x_BxNxD + drop(h_BxNxD)
+    return x_BxNxD + drop_path(drop(h_BxNxD), train)
 
 
 def patchify(x_BxHxWxC: jax.Array, patch: int) -> jax.Array:
@@ -68,6 +70,7 @@ class ViT(nn.Module):
   mlp_ratio: int = 4
   pool: str = "cls"  # or "mean" over the patch tokens
   dropout: float = 0.0
+  stochastic_depth: float = 0.0  # drop rate of the last block; earlier blocks scale linearly
   dtype: str = "float32"
 
   @nn.compact
@@ -92,8 +95,9 @@ class ViT(nn.Module):
     out_stddev = 0.02 / (2 * self.num_layers) ** 0.5
     for i in range(self.num_layers):
       x_BxNxD = EncoderBlock(
-        self.num_heads, self.mlp_ratio, self.dropout, out_stddev, dtype, name=f"block_{i}"
-      )(x_BxNxD, train)
+        self.num_heads, self.mlp_ratio, self.dropout, out_stddev, dtype,
+        drop_path=self.stochastic_depth * (i + 1) / self.num_layers, name=f"block_{i}",
+      )(x_BxNxD, train)  # fmt: skip
     x_BxNxD = _norm("layernorm", "final_norm")(x_BxNxD)
     x_BxD = x_BxNxD[:, 0] if self.pool == "cls" else jnp.mean(x_BxNxD, axis=1)
     logits_BxK = layers.dense(self.num_classes, ("embed", "classes"), dtype, "head")(x_BxD)
