@@ -61,6 +61,7 @@ def base() -> ml_collections.ConfigDict:
       grad_clip_norm=0.0,  # 0 disables global-norm clipping
       l1_penalty=0.0,
       l2_penalty=0.0,
+      ema_decay=0.0,  # > 0: evaluate a moving average of the parameters (e.g. 0.999)
     )
   )
   config.schedule = ml_collections.ConfigDict(dict(name="constant"))
@@ -299,6 +300,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   )
   for key in ("weight_decay", "grad_clip_norm", "l1_penalty", "l2_penalty"):
     _require(opt[key] >= 0, f"config.optimizer.{key}={opt[key]}: must be >= 0")
+  _require(
+    0.0 <= opt.ema_decay < 1.0, f"config.optimizer.ema_decay={opt.ema_decay}: must be in [0, 1)"
+  )
   _require(
     config.global_batch_size > 0,
     f"config.global_batch_size={config.global_batch_size}: must be > 0",

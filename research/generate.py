@@ -39,7 +39,7 @@ def load_model(workdir: Path, step: int | None):
   """(model, params, vocabulary, step) of a run's checkpoint."""
   import ml_collections
 
-  from research import checkpoint, registry
+  from research import checkpoint, optim, registry
 
   config_path = workdir / "config.json"
   if not config_path.is_file():
@@ -53,7 +53,7 @@ def load_model(workdir: Path, step: int | None):
     step, state = checkpoint.read_tree(workdir / "checkpoints", step)
   except FileNotFoundError as e:
     raise GenerateError(str(e)) from None
-  return model, state["params"], dataset, step
+  return model, optim.eval_params(state["params"], state.get("opt_state")), dataset, step
 
 
 def main(argv):

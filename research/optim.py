@@ -3,9 +3,15 @@
 `config.optimizer` holds `name`, the keys every optimizer shares (COMMON_KEYS)
 and the keyword arguments of the named factory below; `config.schedule` holds
 `name` and the keyword arguments of its factory.
+
+`optimizer.ema_decay` > 0 also keeps an exponential moving average of the
+parameters (Polyak averaging) in the optimizer state: sharded, checkpointed
+and resumed with it; evaluation then uses the average (`eval_params`).
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +21,50 @@ from research import config as config_lib
 from research import registry
 
 # Keys of config.optimizer that every optimizer accepts.
-COMMON_KEYS = ("learning_rate", "weight_decay", "grad_clip_norm", "l1_penalty", "l2_penalty")
+COMMON_KEYS = (
+  "learning_rate", "weight_decay", "grad_clip_norm", "l1_penalty", "l2_penalty", "ema_decay"
+)  # fmt: skip
+
+
+class ParamsEMAState(NamedTuple):
+  ema: Any  # a tree like the parameters
+
+
+def params_ema(decay: float) -> optax.GradientTransformation:
+  """Leaves the updates alone; tracks ema <- decay * ema + (1 - decay) * new params.
+
+  Chained last, so it sees the final updates. Starts at the initial parameters.
+  """
+
+  def init(params):
+    return ParamsEMAState(ema=jax.tree.map(lambda p: p, params))
+
+  def update(updates, state, params):
+    new_params = optax.apply_updates(params, updates)
+    mix = lambda e, p: decay * e + (1.0 - decay) * p  # noqa: E731
+    return updates, ParamsEMAState(ema=jax.tree.map(mix, state.ema, new_params))
+
+  return optax.GradientTransformation(init, update)
+
+
+def eval_params(params, opt_state):
+  """The parameters to evaluate: their moving average if the optimizer keeps one.
+
+  `opt_state`: the live state, or the plain tree a checkpoint reads back as.
+  """
+
+  def find(node):
+    if isinstance(node, ParamsEMAState):
+      return node.ema
+    if isinstance(node, dict) and "ema" in node:
+      return node["ema"]
+    children = node.values() if isinstance(node, dict) else node
+    if isinstance(node, dict | tuple | list):
+      return next((f for f in map(find, children) if f is not None), None)
+    return None
+
+  ema = find(opt_state)
+  return params if ema is None else ema
 
 
 def decay_mask(params):
@@ -157,4 +206,6 @@ def make_optimizer(optimizer_config, schedule_config, total_steps: int):
   )
   if optimizer_config.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(optimizer_config.grad_clip_norm), tx)
+  if optimizer_config.get("ema_decay", 0.0):
+    tx = optax.chain(tx, params_ema(optimizer_config.ema_decay))
   return tx, schedule

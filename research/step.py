@@ -39,6 +39,10 @@ class TrainState:
     """What model.apply takes: params and model state."""
     return {"params": self.params, **self.model_state}
 
+  def eval_variables(self) -> dict:
+    """variables() with the parameters' moving average, if the optimizer keeps one."""
+    return {"params": optim.eval_params(self.params, self.opt_state), **self.model_state}
+
 
 def model_inputs(inputs: jax.Array) -> jax.Array:
   """uint8 images [0, 255] -> float32 [0, 1], on the device (keeps host transfers small);

@@ -296,7 +296,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         if process_index == 0:
           metrics_lib.log_line(done, total_steps, averaged, speed)
       if config.eval_every_steps > 0 and done % config.eval_every_steps == 0 and done < total_steps:
-        eval_metrics = run_eval(state.variables())
+        eval_metrics = run_eval(state.eval_variables())
         writer.write(done, config.data.eval_split, eval_metrics)
         logging.info("step %d %s: %s", done, config.data.eval_split, eval_metrics)
       if save_now:
@@ -309,10 +309,10 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         return {"preempted_at_step": done}
 
     preemption.close()  # a SIGTERM during the final evaluation stops the process as usual
-    final = run_eval(state.variables())
+    final = run_eval(state.eval_variables())
     if hasattr(dataset, "generation_metrics"):  # e.g. BLEU of translations
       t_generate = time.perf_counter()
-      params = jax.device_get(state.params)
+      params = jax.device_get(state.eval_variables()["params"])
       generated, lines = dataset.generation_metrics(model, params, config.decode)
       final.update(generated)
       logging.info("[TIMING] generation on %s: %.1fs", config.data.eval_split,

@@ -91,3 +91,28 @@ def test_l1_l2_penalty_counts_only_decayed_weights():
   assert float(optim.penalty(params, l1=0.0, l2=0.0)) == 0.0
   assert float(optim.penalty(params, l1=0.1, l2=0.0)) == pytest.approx(0.6)
   assert float(optim.penalty(params, l1=0.0, l2=2.0)) == pytest.approx(6.0)
+
+
+def test_parameter_moving_average_is_kept_in_the_optimizer_state():
+  tx, _ = optim.make_optimizer(
+    config_lib.entry("optimizer", "sgd", learning_rate=0.1, ema_decay=0.9, grad_clip_norm=10.0),
+    config_lib.entry("schedule", "constant"),
+    total_steps=10,
+  )
+  params = {"w": jnp.array([3.0, -2.0])}
+  state = tx.init(params)
+  expected = params["w"]
+  assert optim.eval_params(params, state)["w"] is not None
+  for _ in range(5):
+    updates, state = tx.update({"w": 2 * params["w"]}, state, params)
+    params = optax.apply_updates(params, updates)
+    expected = 0.9 * expected + 0.1 * params["w"]  # the average of the iterates
+  np.testing.assert_allclose(optim.eval_params(params, state)["w"], expected, rtol=1e-6)
+  # A checkpoint's plain tree (dicts) holds it too; no average: the parameters themselves.
+  as_read = {"0": {"0": {}, "1": {}}, "1": {"ema": {"w": expected}}}
+  np.testing.assert_array_equal(optim.eval_params(params, as_read)["w"], expected)
+  assert optim.eval_params(params, optax.sgd(0.1).init(params)) is params
+  with pytest.raises(config_lib.ConfigError, match=r"ema_decay=1.0: must be in \[0, 1\)"):
+    config = config_lib.base()
+    config.optimizer.ema_decay = 1.0
+    config_lib.validate(config)

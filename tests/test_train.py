@@ -98,6 +98,31 @@ def test_workdir_with_another_config_is_refused(config, tmp_path):
   assert (tmp_path / "config.json").read_text() == before
 
 
+def test_weight_average_is_evaluated_checkpointed_and_resumed(config, tmp_path):
+  import jax
+
+  from research import checkpoint, optim
+
+  config.optimizer.ema_decay = 0.9
+  config.num_train_steps, config.checkpoint_every_steps, config.eval_every_steps = 80, 40, -1
+  straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  assert straight["accuracy"] > 0.6
+  step, state = checkpoint.read_tree(tmp_path / "straight" / "checkpoints", None)
+  ema = optim.eval_params(state["params"], state["opt_state"])
+  pairs = zip(jax.tree.leaves(ema), jax.tree.leaves(state["params"]), strict=True)
+  assert step == 80 and not any(np.allclose(a, b) for a, b in pairs)
+  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "80")  # killed after the step-40 save
+  assert train.train_and_evaluate(config, str(tmp_path / "resumed")) == straight
+  # The average changes no update, only what is evaluated.
+  config.optimizer.ema_decay = 0.0
+  plain = train.train_and_evaluate(config, str(tmp_path / "plain"))
+  assert plain["loss"] != straight["loss"]
+  records = lambda run: read_jsonl(tmp_path / run / "metrics.jsonl")  # noqa: E731
+  train_losses = lambda run: [r["metrics"]["loss"] for r in records(run) if r["split"] == "train"]  # noqa: E731
+  assert train_losses("plain") == train_losses("straight")
+
+
 def test_bfloat16_compute_trains_with_float32_state(config, tmp_path):
   config.dtype = "bfloat16"
   config.num_train_steps = 60
