@@ -69,7 +69,13 @@ class Registry:
 
 models = Registry("model", ("research.models",))
 datasets = Registry(
-  "dataset", ("research.data.sources", "research.data.text", "research.data.translation")
+  "dataset",
+  (
+    "research.data.sources",
+    "research.data.streaming",
+    "research.data.text",
+    "research.data.translation",
+  ),  # fmt: skip
 )
 optimizers = Registry("optimizer", ("research.optim",))
 schedules = Registry("schedule", ("research.optim",))

@@ -33,3 +33,28 @@ def test_cifar_configs_train_and_evaluate_on_mock_data(dataset, classes, tmp_pat
 def test_cifar_config_names_a_bad_dataset():
   with pytest.raises(config_lib.ConfigError, match="dataset='svhn': valid: cifar10, cifar100"):
     config_lib.load_file(f"{config_lib.REPO_ROOT}/experiments/cifar_resnet.py:dataset=svhn")
+
+
+def test_imagenet_config_streams_from_a_data_source_under_mock_data(tmp_path):
+  """ImageNet is read on demand (random access), resized to 256, cropped to 224."""
+  import tensorflow_datasets as tfds
+
+  from research import registry
+
+  config = config_lib.load_file(f"{config_lib.REPO_ROOT}/experiments/imagenet2012_resnet50.py")
+  config.data.raw_dir = ""
+  config.model.update(depth=18, width=4)
+  config.global_batch_size, config.eval_batch_size, config.num_train_steps = 4, 6, 2
+  config.schedule.warmup_steps = 1
+  with tfds.testing.mock_data(num_examples=10):
+    dataset = registry.datasets.get("imagenet2012")(config.data)
+    assert len(dataset.train["targets"]) == len(dataset.eval["targets"]) == 10
+    batch = dataset.train_loader(4, seed=0)(0)
+    assert batch["inputs"].shape == (4, 224, 224, 3) and batch["inputs"].dtype == np.float32
+    assert batch["targets"].shape == (4,) and (batch["targets"] < 1000).all()
+    again = dataset.train_loader(4, seed=0)(0)  # a function of the step
+    np.testing.assert_array_equal(batch["inputs"], again["inputs"])
+    final = train.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(final["loss"])
+  table = (tmp_path / "sharding.md").read_text()
+  assert "| head/kernel | (32, 1000) |" in table  # ResNet-18 layout at width 4: 8x4 features

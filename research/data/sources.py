@@ -89,10 +89,14 @@ def verify_raw_files(builder, raw_dir: str) -> None:
       )
 
 
-def prepare(tfds_name: str, raw_dir: str = "", data_dir: str = ""):
-  """Returns the TFDS builder for `tfds_name`, prepared (from raw_dir when given)."""
+def prepare(tfds_name: str, raw_dir: str = "", data_dir: str = "", file_format=None):
+  """Returns the TFDS builder for `tfds_name`, prepared (from raw_dir when given).
+
+  `file_format="array_record"` for datasets read by random access (tfds.data_source).
+  """
   tfds = _import_tfds(with_tensorflow=False)
-  builder = tfds.builder(tfds_name, data_dir=data_dir or None)
+  kwargs = {"file_format": file_format} if file_format else {}
+  builder = tfds.builder(tfds_name, data_dir=data_dir or None, **kwargs)
   if builder.is_prepared():
     return builder
   _import_tfds()
@@ -169,23 +173,29 @@ def write_atomically(path: Path, write) -> None:
 
 
 def with_preprocessing(dataset: ArrayDataset, data_config) -> ArrayDataset:
-  """The eval split through pp_eval (once), and pp_train attached to the training loader;
-  both must give the model the same image shape and dtype."""
+  """The eval split through pp_eval (once), and pp_train attached to the training loader."""
   from research.data import preprocess
 
   pp_eval = preprocess.Pipeline(data_config.pp_eval)
   eval_arrays = {**dataset.eval, "inputs": pp_eval(dataset.eval["inputs"])}
-  sample = dataset.train["inputs"][:2]
+  dataset = dataclasses.replace(dataset, eval=eval_arrays, pp_train=data_config.pp_train)
+  check_preprocessing(dataset, data_config)
+  return dataset
+
+
+def check_preprocessing(dataset: ArrayDataset, data_config) -> None:
+  """Training and evaluation must give the model the same image shape and dtype."""
+  from research.data import preprocess
+
   draws = preprocess.Draws(0, 0, slice(0, 2), 2)
-  trained_on = preprocess.Pipeline(data_config.pp_train)(sample, draws)
-  evaluated_on = eval_arrays["inputs"]
+  trained_on = preprocess.Pipeline(data_config.pp_train)(dataset.train["inputs"][:2], draws)
+  evaluated_on = dataset.eval["inputs"][:2]
   if trained_on.shape[1:] != evaluated_on.shape[1:] or trained_on.dtype != evaluated_on.dtype:
     raise DataError(
       f"config.data.pp_train={data_config.pp_train!r} gives images of shape "
       f"{trained_on.shape[1:]} {trained_on.dtype}, config.data.pp_eval={data_config.pp_eval!r} "
       f"gives {evaluated_on.shape[1:]} {evaluated_on.dtype}; they must agree"
     )
-  return dataclasses.replace(dataset, eval=eval_arrays, pp_train=data_config.pp_train)
 
 
 def _image_classification(tfds_name: str):
