@@ -16,6 +16,8 @@ PACKAGES = (
   "tensorflow-datasets",
   "tensorflow-cpu",
   "tensorflow",
+  "sentencepiece",
+  "sacrebleu",
 )
 
 
