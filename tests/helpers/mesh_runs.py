@@ -31,6 +31,7 @@ def run(
   config.data.data_dir = data_dir
   if model == "lm":  # a small Transformer: FSDP shards embed, TP shards heads and mlp
     config.model.update(num_layers=2, num_heads=4, embed_dim=64)
+    config.optimizer.learning_rate = 1e-3  # the figures in the README were measured at 1e-3
     config.global_batch_size, config.eval_batch_size = 16, 64
   elif model == "seq2seq":  # encoder, decoder, cross-attention; bucketed batches
     config.model.update(num_layers=1, num_heads=4, embed_dim=32)
