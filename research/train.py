@@ -114,6 +114,17 @@ def halt_if_nonfinite(pending_metrics: list[dict], flags, first_step: int) -> No
       )
 
 
+def make_losses(loss_config):
+  """(training loss, evaluation loss): evaluation reports the plain negative
+  log-likelihood (no label smoothing), so its loss and perplexity compare across runs."""
+  from research import registry
+
+  kwargs = {k: v for k, v in loss_config.items() if k != "name"}
+  make = registry.losses.get(loss_config.name)
+  eval_kwargs = {**kwargs, "label_smoothing": 0.0} if "label_smoothing" in kwargs else kwargs
+  return make(**kwargs), make(**eval_kwargs)
+
+
 def evaluate(eval_step, variables, arrays, eval_batch_size, sharding, process_index, process_count):
   """Mean loss and accuracy over every example of `arrays`, each visited exactly once;
   with next-token targets also perplexity and bits per token (character, for char LMs)."""
@@ -185,8 +196,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   total_steps = derived["total_steps"]
 
   model = registry.build_model(config, dataset)
-  loss_kwargs = {k: v for k, v in config.loss.items() if k != "name"}
-  loss_fn = registry.losses.get(config.loss.name)(**loss_kwargs)
+  loss_fn, eval_loss_fn = make_losses(config.loss)
   tx, schedule = optim.make_optimizer(config.optimizer, config.schedule, total_steps)
 
   init = functools.partial(
@@ -241,7 +251,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     donate_argnums=(0,),
   )
   eval_step = jax.jit(
-    step_lib.make_eval_step(model, loss_fn, activations),
+    step_lib.make_eval_step(model, eval_loss_fn, activations),
     in_shardings=(state_sharding.variables(), batch_sharding),
     out_shardings=replicated,
   )

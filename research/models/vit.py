@@ -96,6 +96,7 @@ class ViT(nn.Module):
     for i in range(self.num_layers):
       x_BxNxD = EncoderBlock(
         self.num_heads, self.mlp_ratio, self.dropout, out_stddev, dtype,
+        qkv_stddev=self.embed_dim**-0.5,
         drop_path=self.stochastic_depth * (i + 1) / self.num_layers, name=f"block_{i}",
       )(x_BxNxD, train)  # fmt: skip
     x_BxNxD = _norm("layernorm", "final_norm")(x_BxNxD)
