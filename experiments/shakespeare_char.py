@@ -21,7 +21,7 @@ SIZES = {
   # layers, heads, width, context, batch, steps, dropout, peak learning rate
   "cpu": (4, 4, 128, 64, 12, 1500, 0.0, 3e-3),
   "nanogpt": (4, 4, 128, 64, 12, 2000, 0.0, 1e-3),
-  "cpu30": (4, 6, 192, 128, 24, 2000, 0.1, 1e-3),
+  "cpu30": (4, 6, 192, 128, 24, 2000, 0.1, 3e-3),
   "baby": (6, 6, 384, 256, 64, 5000, 0.2, 1e-3),
 }
 

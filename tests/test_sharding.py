@@ -149,13 +149,17 @@ def test_dp_fsdp_tp_losses_equal_one_device(mnist, tfds_data_dir, mnist_raw_dir,
     assert len(reference) == 50
     # The ResNet's first convolution gradient after the stem sums ~25k terms that
     # cancel: 8 devices sum them in another order and differ by 3e-5 relative at
-    # init (measured), which BatchNorm and momentum amplify from step ~14 on (to
-    # ~1e-3 by step 50, every mesh alike). Steps 1-12 hold 1e-5; step 1 alone
-    # shows a BatchNorm that averaged per device instead of over the global batch.
-    steps = 12 if model == "resnet" else 50
+    # init (measured), which BatchNorm and momentum amplify. Measured against one
+    # device: steps 1-8 within 1.1e-6 on every mesh; from step 9 the 8-way
+    # reductions (data 8, and data 2 x fsdp 4) drift, 1.2e-4 by step 12 and 6.5e-3
+    # at most over 50 steps, while data 4 x model 2 holds 1e-7 to step 12. Steps
+    # 1-8 at 1e-5; step 1 alone shows a BatchNorm that averaged per device
+    # instead of over the global batch. All 50 steps must stay within 2e-2.
+    steps = 8 if model == "resnet" else 50
     for name, mesh in MESHES.items():
-      losses = eight[f"{model}:{mesh}"][:steps]
-      assert losses == pytest.approx(reference[:steps], rel=1e-5), (model, name)
+      losses = eight[f"{model}:{mesh}"]
+      assert losses[:steps] == pytest.approx(reference[:steps], rel=1e-5), (model, name)
+      assert losses == pytest.approx(reference, rel=2e-2), (model, name)
   # Tensor parallel splits the dense layers over `model`; FSDP shards the convolutions.
   tp_cnn = (tmp_path / "runs_8" / "cnn_4_1_2" / "sharding.md").read_text()
   assert "| fc1/kernel | (9216, 128) | (embed, mlp) | (fsdp, model) | 2,359,296 |" in tp_cnn
