@@ -77,16 +77,19 @@ def sha256(path: Path) -> str:
 def verify_raw_files(builder, raw_dir: str) -> None:
   """Checks that every file the builder downloads is in raw_dir with its registered sha256."""
   for url, info in sorted(builder.url_infos.items()):
-    path = Path(raw_dir) / info.filename
-    if not path.is_file():
-      raise DataError(
-        f"missing raw file {path} for {builder.name} (expected sha256 {info.checksum}, from {url})"
-      )
-    actual = sha256(path)
-    if actual != info.checksum:
-      raise DataError(
-        f"checksum mismatch for {path}: got sha256 {actual}, expected sha256 {info.checksum}"
-      )
+    verify_raw_file(Path(raw_dir) / info.filename, info.checksum, builder.name, url)
+
+
+def verify_raw_file(path: Path, expected: str, dataset: str, url: str = "") -> None:
+  """A DataError naming `path` unless it exists with sha256 `expected`."""
+  if not path.is_file():
+    origin = f", from {url}" if url else ""
+    raise DataError(f"missing raw file {path} for {dataset} (expected sha256 {expected}{origin})")
+  actual = sha256(path)
+  if actual != expected:
+    raise DataError(
+      f"checksum mismatch for {path}: got sha256 {actual}, expected sha256 {expected}"
+    )
 
 
 def prepare(tfds_name: str, raw_dir: str = "", data_dir: str = "", file_format=None):

@@ -109,8 +109,9 @@ def _streaming_image_classification(tfds_name: str, decode_size: int):
     sources._import_tfds()
     train = SplitReader(builder.as_data_source(split=data_config.train_split), decode_size)
     pp_eval = preprocess.Pipeline(data_config.pp_eval)
-    evaluated = SplitReader(builder.as_data_source(split=data_config.eval_split), decode_size)
-    evaluated.pipeline = pp_eval
+    evaluated = SplitReader(
+      builder.as_data_source(split=data_config.eval_split), decode_size, pp_eval
+    )
     dataset = sources.ArrayDataset(
       train=columns(train),
       eval=columns(evaluated),

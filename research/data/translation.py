@@ -45,13 +45,7 @@ def prepare_multi30k(raw_dir: str, data_dir: str = ""):
       f"({', '.join(sorted(multi30k_builder.SHA256))})"
     )
   for name, expected in sorted(multi30k_builder.SHA256.items()):
-    path = Path(raw_dir) / name
-    if not path.is_file():
-      raise sources.DataError(f"missing raw file {path} for multi30k (expected sha256 {expected})")
-    if (actual := sources.sha256(path)) != expected:
-      raise sources.DataError(
-        f"checksum mismatch for {path}: got sha256 {actual}, expected sha256 {expected}"
-      )
+    sources.verify_raw_file(Path(raw_dir) / name, expected, "multi30k")
   sources._import_tfds()
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=raw_dir))
   return builder
