@@ -69,6 +69,27 @@ def base() -> ml_collections.ConfigDict:
   config.decode = ml_collections.ConfigDict(
     dict(beam_size=4, length_penalty=0.6, max_new_tokens=0)  # 0: source length + 50, as fairseq
   )
+  # Evaluators run every eval_every_steps and at the end, and by research.evaluate
+  # on any checkpoint (research/evaluators).
+  config.evaluators = ml_collections.ConfigDict(
+    dict(
+      names="",  # comma-separated, e.g. "loss,classification,fewshot"; "": loss (+ bleu)
+      top_k=5,  # classification: top-k accuracy besides top-1
+      fewshot_shots=(1, 5, 10, 25),  # fewshot: examples per class of the train split
+      fewshot_seeds=3,  # fewshot: draws of those examples, averaged
+      fewshot_l2_reg=1024.0,  # fewshot: ridge regularisation (big_vision's 2**10)
+    )
+  )
+  # Transfer learning (research/transfer.py): start from another run's checkpoint.
+  config.init = ml_collections.ConfigDict(
+    dict(
+      checkpoint="",  # a run's workdir, its checkpoints/ or checkpoints/STEP; "": from scratch
+      rules=(".*",),  # regexes of arrays to load; "TARGET=>SOURCE" loads a renamed array
+      reinit=("params/head/.*",),  # arrays initialised fresh instead (a new head)
+      mode="finetune",  # "finetune" or "linear_probe" (loaded parameters frozen)
+      backbone_lr_scale=1.0,  # finetune: update multiplier of the loaded parameters
+    )
+  )
   config.global_batch_size = 128
   config.eval_batch_size = 1000
   config.grad_accum_steps = 1  # microbatches per step: gradients accumulated, one update
@@ -293,6 +314,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.data.name: {e}") from None
 
   _check_preprocessing(config.data)
+  _check_evaluators(config.evaluators)
+  _check_init(config.init)
 
   opt = config.optimizer
   _require(
@@ -335,6 +358,51 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for axis in MESH_AXES:
     size = config.mesh[axis]
     _require(size > 0 or size == -1, f"config.mesh.{axis}={size}: must be > 0, or -1 to fill")
+
+
+def evaluator_names(evaluators_config) -> list[str]:
+  return [n.strip() for n in evaluators_config.names.split(",") if n.strip()]
+
+
+def _check_evaluators(evaluators) -> None:
+  for name in evaluator_names(evaluators):
+    try:
+      registry.evaluators.get(name)
+    except registry.UnknownNameError as e:
+      raise ConfigError(f"config.evaluators.names={evaluators.names!r}: {e}") from None
+  _require(evaluators.top_k > 1, f"config.evaluators.top_k={evaluators.top_k}: must be > 1")
+  _require(
+    len(evaluators.fewshot_shots) > 0 and all(k > 0 for k in evaluators.fewshot_shots),
+    f"config.evaluators.fewshot_shots={evaluators.fewshot_shots!r}: must be positive counts",
+  )
+  _require(
+    evaluators.fewshot_seeds > 0,
+    f"config.evaluators.fewshot_seeds={evaluators.fewshot_seeds}: must be > 0",
+  )
+  _require(
+    evaluators.fewshot_l2_reg >= 0,
+    f"config.evaluators.fewshot_l2_reg={evaluators.fewshot_l2_reg}: must be >= 0",
+  )
+
+
+def _check_init(init) -> None:
+  from research import transfer
+
+  _require(
+    init.mode in transfer.MODES,
+    f"config.init.mode={init.mode!r}: valid: {', '.join(transfer.MODES)}",
+  )
+  _require(
+    init.backbone_lr_scale > 0,
+    f"config.init.backbone_lr_scale={init.backbone_lr_scale}: must be > 0",
+  )
+  for key in ("rules", "reinit"):
+    for rule in init[key]:
+      pattern = rule.partition("=>")[0] if key == "rules" else rule
+      try:
+        re.compile(pattern)
+      except (re.error, TypeError) as e:
+        raise ConfigError(f"config.init.{key}: {rule!r} is not a regex ({e})") from None
 
 
 def _check_preprocessing(data) -> None:
@@ -432,3 +500,57 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     else:
       options[key] = type(default)(value)
   return options
+
+
+def config_hash(config) -> str:
+  """12 hex digits of the sha256 of the config's canonical JSON: equal configs, equal hashes."""
+  import hashlib
+
+  return hashlib.sha256(to_json(config).encode()).hexdigest()[:12]
+
+
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A run's saved config (config.json) on top of today's base(): sections added
+  since the run was made take their defaults."""
+  config = base()
+  for key, value in saved.items():
+    if isinstance(value, dict) and key in config and key not in _REGISTRIES:
+      for sub, sub_value in value.items():
+        config[key][sub] = tuple(sub_value) if isinstance(sub_value, list) else sub_value
+    elif isinstance(value, dict):
+      config[key] = ml_collections.ConfigDict(value)
+    else:
+      config[key] = value
+  return config
+
+
+# --- Command lines.
+
+
+def usage_error(message: str):
+  import sys
+
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with a bad flag or override reported as one line and exit 2."""
+  from absl import flags
+
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec and not Path(spec.partition(":")[0]).is_file():
+    try:
+      load_file(spec)
+    except ConfigError as e:
+      usage_error(str(e))
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001  config_flags raises many types
+    if "--verbose" in argv:
+      raise
+    try:
+      message = describe_flags_error(e, argv)
+    except ConfigError as described:
+      message = str(described)
+    usage_error(message)

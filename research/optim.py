@@ -195,15 +195,28 @@ def make_schedule(schedule_config, learning_rate: float, total_steps: int):
     raise config_lib.ConfigError(str(e)) from None
 
 
-def make_optimizer(optimizer_config, schedule_config, total_steps: int):
-  """Returns (optax transformation, learning-rate schedule)."""
+def make_optimizer(optimizer_config, schedule_config, total_steps: int, labels=None, scale=1.0):
+  """Returns (optax transformation, learning-rate schedule).
+
+  `labels`: None, or params -> a tree of research.transfer's labels: "frozen"
+  parameters get no updates (and no optimizer state), "backbone" ones their
+  updates times `scale`, "trained" ones the optimizer as configured.
+  """
   schedule = make_schedule(schedule_config, optimizer_config.learning_rate, total_steps)
   kwargs = {
     k: optimizer_config[k] for k in factory_keys(optimizer_config.name) if k in optimizer_config
   }
-  tx = registry.optimizers.get(optimizer_config.name)(
+  make = lambda: registry.optimizers.get(optimizer_config.name)(  # noqa: E731
     schedule, optimizer_config.weight_decay, **kwargs
   )
+  tx = make()
+  if labels is not None:
+    transforms = {
+      "trained": tx,
+      "backbone": optax.chain(make(), optax.scale(scale)),
+      "frozen": optax.set_to_zero(),
+    }
+    tx = optax.multi_transform(transforms, labels)
   if optimizer_config.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(optimizer_config.grad_clip_norm), tx)
   if optimizer_config.get("ema_decay", 0.0):

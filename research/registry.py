@@ -72,6 +72,7 @@ datasets = Registry(
   "dataset",
   (
     "research.data.sources",
+    "research.data.digits",
     "research.data.streaming",
     "research.data.text",
     "research.data.translation",
@@ -80,6 +81,14 @@ datasets = Registry(
 optimizers = Registry("optimizer", ("research.optim",))
 schedules = Registry("schedule", ("research.optim",))
 losses = Registry("loss", ("research.losses",))
+evaluators = Registry(
+  "evaluator",
+  (
+    "research.evaluators.basic",
+    "research.evaluators.classification",
+    "research.evaluators.fewshot",
+  ),  # fmt: skip
+)
 
 
 def build_model(config, dataset):

@@ -90,8 +90,12 @@ def make_train_step(
   skip_nonfinite: bool = False,
   sharding_context: Callable = contextlib.nullcontext,
   microbatches: int = 1,
+  train_model_state: bool = True,
 ):
   """train_step(state, batch) -> (state, metrics); randomness is a function of state.step.
+
+  `train_model_state=False` runs the model in evaluation mode (a linear probe:
+  BatchNorm uses and keeps its statistics, no dropout).
 
   metrics["nonfinite"] is 1.0 when the loss or a gradient is NaN/Inf; with
   skip_nonfinite that update is not applied (the step still advances).
@@ -104,10 +108,13 @@ def make_train_step(
 
   def objective(params, model_state, inputs, targets_Bx_, dropout_rng):
     with sharding_context():
-      logits_Bx_xK, model_state = model.apply(
-        {"params": params, **model_state}, *inputs, train=True, rngs={"dropout": dropout_rng},
-        mutable=list(model_state),
-      )  # fmt: skip
+      if train_model_state:
+        logits_Bx_xK, model_state = model.apply(
+          {"params": params, **model_state}, *inputs, train=True, rngs={"dropout": dropout_rng},
+          mutable=list(model_state),
+        )  # fmt: skip
+      else:
+        logits_Bx_xK = model.apply({"params": params, **model_state}, *inputs, train=False)
     real_Bx_ = (targets_Bx_ >= 0).astype(jnp.float32)
     count = jnp.maximum(jnp.sum(real_Bx_), 1.0)
     data_loss = jnp.sum(loss_fn(logits_Bx_xK, targets_Bx_) * real_Bx_) / count

@@ -10,22 +10,19 @@ checkpoint. Bad input exits with code 2 and one line naming what is wrong.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging as logging_std
 import math
 import os
-import re
 import sys
 import time
-import zlib
 from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from research import config as config_lib
-from research import registry
+from research import experiment, registry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, path.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
@@ -46,28 +43,6 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a 
 DEPLOYMENT_KEYS = ("data.raw_dir", "data.data_dir", "mesh.data", "mesh.fsdp", "mesh.model")
 USAGE_ERRORS = (config_lib.ConfigError, registry.UnknownNameError)
 EXIT_USAGE = 2
-
-
-def rng_for(seed: int, name: str):
-  """One seed, split by name: params, dropout, ... are independent streams."""
-  import jax
-
-  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()))
-
-
-def derived_values(config, num_train_examples: int) -> dict:
-  steps_per_epoch = num_train_examples / config.global_batch_size
-  if config.num_train_steps > 0:
-    total_steps = config.num_train_steps
-  else:
-    total_steps = math.ceil(config.num_epochs * steps_per_epoch)
-  return {
-    "global_batch_size": config.global_batch_size,
-    "num_train_examples": num_train_examples,
-    "steps_per_epoch": steps_per_epoch,
-    "total_steps": total_steps,
-    "epochs": total_steps / steps_per_epoch,
-  }
 
 
 def check_workdir(workdir: Path, config, allow_config_change: bool) -> None:
@@ -114,158 +89,67 @@ def halt_if_nonfinite(pending_metrics: list[dict], flags, first_step: int) -> No
       )
 
 
-def make_losses(loss_config):
-  """(training loss, evaluation loss): evaluation reports the plain negative
-  log-likelihood (no label smoothing), so its loss and perplexity compare across runs."""
-  from research import registry
-
-  kwargs = {k: v for k, v in loss_config.items() if k != "name"}
-  make = registry.losses.get(loss_config.name)
-  eval_kwargs = {**kwargs, "label_smoothing": 0.0} if "label_smoothing" in kwargs else kwargs
-  return make(**kwargs), make(**eval_kwargs)
-
-
-def evaluate(eval_step, variables, arrays, eval_batch_size, sharding, process_index, process_count):
-  """Mean loss and accuracy over every example of `arrays`, each visited exactly once;
-  with next-token targets also perplexity and bits per token (character, for char LMs)."""
-  import jax
-
-  from research import parallel
-  from research.data import loader
-
-  totals = None
-  for local in loader.eval_batches(arrays, eval_batch_size, process_index, process_count):
-    sums = eval_step(variables, parallel.global_batch(local, sharding))
-    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-  totals = {k: float(v) for k, v in jax.device_get(totals).items()}
-  assert totals["count"] == len(arrays["targets"]), (totals["count"], len(arrays["targets"]))
-  metrics = {
-    "loss": totals["loss_sum"] / totals["count"],
-    "accuracy": totals["correct"] / totals["count"],
-  }
-  if arrays["targets"].ndim > 1:  # sequences: per-token figures over every real target
-    token_loss = totals["target_loss_sum"] / totals["target_count"]
-    metrics["token_accuracy"] = totals["target_correct"] / totals["target_count"]
-    metrics["perplexity"] = math.exp(token_loss)
-    metrics["bits_per_token"] = token_loss / math.log(2)
-  return metrics
-
-
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
   """Runs (or resumes) the experiment; returns the final eval metrics."""
   config_lib.validate(config)
   workdir = Path(workdir)
+  check = lambda: check_workdir(workdir, config, allow_config_change)  # noqa: E731
+  exp = experiment.build(config, before_data=check)
 
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
-  from research import checkpoint, optim, parallel, sharding
+  from research import checkpoint, evaluators, parallel, sharding, transfer
   from research import metrics as metrics_lib
   from research import step as step_lib
   from research.preemption import PreemptionWatcher
   from research.versions import versions
 
-  process_index, process_count = jax.process_index(), jax.process_count()
-  mesh = parallel.make_mesh(config.mesh)
-  batch_axes = tuple(config.sharding_rules.batch)
-  dp = parallel.data_parallel_size(mesh, batch_axes)
-  for key in ("global_batch_size", "eval_batch_size"):
-    if config[key] % dp or config[key] % process_count:
-      raise config_lib.ConfigError(
-        f"config.{key}={config[key]}: must be divisible by the data-parallel size {dp} "
-        f"and the process count {process_count}"
-      )
-  microbatch = config.global_batch_size // config.grad_accum_steps
-  if config.global_batch_size % config.grad_accum_steps or microbatch % dp:
-    raise config_lib.ConfigError(
-      f"config.grad_accum_steps={config.grad_accum_steps}: global_batch_size "
-      f"{config.global_batch_size} must split into that many microbatches, each divisible by "
-      f"the data-parallel size {dp}"
-    )
-  check_workdir(workdir, config, allow_config_change)
-
-  # Process 0 prepares the data (TFDS writes it once); the others read it after.
-  t0 = time.perf_counter()
-  load_dataset = lambda: registry.datasets.get(config.data.name)(config.data)
-  dataset = load_dataset() if process_index == 0 else None
-  parallel.barrier("dataset_prepared")
-  dataset = dataset or load_dataset()
-  logging.info("[TIMING] data load: %.1fs", time.perf_counter() - t0)
-  derived = derived_values(config, dataset.num_train_examples)
-  total_steps = derived["total_steps"]
-
-  model = registry.build_model(config, dataset)
-  loss_fn, eval_loss_fn = make_losses(config.loss)
-  tx, schedule = optim.make_optimizer(config.optimizer, config.schedule, total_steps)
-
-  init = functools.partial(
-    step_lib.init_state, model, tx, rng_for(config.seed, "params"), dataset.eval["inputs"][:1]
-  )
-  state_shape, state_sharding, sharding_rows = sharding.state_shardings(
-    jax.eval_shape(functools.partial(init, boxed=True)), mesh, config.sharding_rules
-  )
-  sharding_table = sharding.table(sharding_rows)
-  derived["num_params"] = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state_shape.params)))
-  derived["mesh"] = dict(mesh.shape)
-  derived["num_devices"] = jax.device_count()
-  logging.info("config:\n%s", config)
-  logging.info("derived: %s", json.dumps(derived))
-  logging.info("sharding over mesh %s:\n%s", dict(mesh.shape), sharding_table)
-  if process_index == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(
-      config_lib.to_json(config, derived=derived, versions=versions())
-    )
-    (workdir / "sharding.md").write_text(
-      f"# Sharding over mesh {dict(mesh.shape)}\n\n{sharding_table}\n"
-    )
-
-  batch_sharding = parallel.batch_sharding(mesh, batch_axes)
-  activations = functools.partial(sharding.activation_context, mesh, config.sharding_rules)
-  replicated = parallel.replicated(mesh)
+  process_index, total_steps = exp.process_index, exp.total_steps
+  sharding_table = sharding.table(exp.sharding_rows)
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", config.max_to_keep)
-  abstract = checkpoint.abstract_with_shardings(state_shape, state_sharding)
+  abstract = checkpoint.abstract_with_shardings(exp.state_shape, exp.state_sharding)
   start_step, state = ckpt.restore_latest_good(abstract)
   if start_step is None:
-    state = jax.jit(init, out_shardings=state_sharding)()
+    state = experiment.fresh_state(exp)  # with config.init.checkpoint: loads another run's
     start_step = 0
   else:
     logging.info("resumed from checkpoint at step %d", start_step)
+  logging.info("config:\n%s", config)
+  logging.info("derived: %s", json.dumps(exp.derived))
+  logging.info("sharding over mesh %s:\n%s", dict(exp.mesh.shape), sharding_table)
+  if process_index == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    saved = workdir / "config.json"
+    if start_step and saved.exists():  # a resumed transfer run keeps the record of its source
+      init = json.loads(saved.read_text()).get("derived", {}).get("init")
+      exp.derived.update({"init": init} if init else {})
+    saved.write_text(config_lib.to_json(config, derived=exp.derived, versions=versions()))
+    (workdir / "sharding.md").write_text(
+      f"# Sharding over mesh {dict(exp.mesh.shape)}\n\n{sharding_table}\n"
+    )
 
   train_step = jax.jit(
     step_lib.make_train_step(
-      model,
-      tx,
-      loss_fn,
-      schedule,
-      rng_for(config.seed, "dropout"),
+      exp.model,
+      exp.tx,
+      exp.loss_fn,
+      exp.schedule,
+      experiment.rng_for(config.seed, "dropout"),
       config.optimizer.l1_penalty,
       config.optimizer.l2_penalty,
       skip_nonfinite=config.nan_policy == "skip",
-      sharding_context=activations,
+      sharding_context=exp.activations,
       microbatches=config.grad_accum_steps,
+      train_model_state=transfer.trains_model_state(config.init),
     ),
-    in_shardings=(state_sharding, batch_sharding),
-    out_shardings=(state_sharding, replicated),
+    in_shardings=(exp.state_sharding, exp.batch_sharding),
+    out_shardings=(exp.state_sharding, exp.replicated),
     donate_argnums=(0,),
   )
-  eval_step = jax.jit(
-    step_lib.make_eval_step(model, eval_loss_fn, activations),
-    in_shardings=(state_sharding.variables(), batch_sharding),
-    out_shardings=replicated,
-  )
-  run_eval = lambda variables: evaluate(  # noqa: E731
-    eval_step,
-    variables,
-    dataset.eval,
-    config.eval_batch_size,
-    batch_sharding,
-    process_index,
-    process_count,
-  )
-  train_loader = dataset.train_loader(
-    config.global_batch_size, config.seed, process_index, process_count
+  evaluation = evaluators.Evaluation(exp, output_dir=workdir)
+  train_loader = exp.dataset.train_loader(
+    config.global_batch_size, config.seed, process_index, exp.process_count
   )
   writer = metrics_lib.MetricWriter(workdir, enabled=process_index == 0)
   metadata = {"config": config.to_dict(), "versions": versions()}
@@ -275,7 +159,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   t_loop = time.perf_counter()
   try:
     for step in range(start_step, total_steps):
-      batch = parallel.global_batch(train_loader(step), batch_sharding)
+      batch = parallel.global_batch(train_loader(step), exp.batch_sharding)
       state, step_metrics = train_step(state, batch)
       ckpt.check()  # a failed background save stops the run here, not at the next save
       pending.append(step_metrics)
@@ -306,7 +190,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         if process_index == 0:
           metrics_lib.log_line(done, total_steps, averaged, speed)
       if config.eval_every_steps > 0 and done % config.eval_every_steps == 0 and done < total_steps:
-        eval_metrics = run_eval(state.eval_variables())
+        eval_metrics = evaluation(state.eval_variables(), done, final=False)
         writer.write(done, config.data.eval_split, eval_metrics)
         logging.info("step %d %s: %s", done, config.data.eval_split, eval_metrics)
       if save_now:
@@ -319,18 +203,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         return {"preempted_at_step": done}
 
     preemption.close()  # a SIGTERM during the final evaluation stops the process as usual
-    final = run_eval(state.eval_variables())
-    if hasattr(dataset, "generation_metrics"):  # e.g. BLEU of translations
-      t_generate = time.perf_counter()
-      params = jax.device_get(state.eval_variables()["params"])
-      generated, lines = dataset.generation_metrics(model, params, config.decode)
-      final.update(generated)
-      logging.info("[TIMING] generation on %s: %.1fs", config.data.eval_split,
-                   time.perf_counter() - t_generate)  # fmt: skip
-      if process_index == 0:
-        split = re.sub(r"[^\w.-]+", "_", config.data.eval_split).strip("_")
-        outputs = workdir / f"generated_{split}_{total_steps}.txt"
-        outputs.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    final = evaluation(state.eval_variables(), total_steps, final=True)
     writer.write(total_steps, config.data.eval_split, final)
     if process_index == 0:
       logging.info(
@@ -400,29 +273,8 @@ def _data_error():
   return DataError
 
 
-def _usage_error(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(EXIT_USAGE)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, with a bad flag or override reported as one line and exit 2."""
-  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if spec and not Path(spec.partition(":")[0]).is_file():
-    try:
-      config_lib.load_file(spec)
-    except config_lib.ConfigError as e:
-      _usage_error(str(e))
-  try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # noqa: BLE001  config_flags raises many types
-    if "--verbose" in argv:
-      raise
-    try:
-      message = config_lib.describe_flags_error(e, argv)
-    except config_lib.ConfigError as described:
-      message = str(described)
-    _usage_error(message)
+_usage_error = config_lib.usage_error
+parse_flags = config_lib.parse_flags
 
 
 def run():

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from research import config as config_lib
-from research import optim, registry
+from research import experiment, optim, registry
 
 
 def _params():
@@ -119,10 +119,11 @@ def test_parameter_moving_average_is_kept_in_the_optimizer_state():
 
 
 def test_evaluation_reports_the_loss_without_label_smoothing():
-  from research import train
 
   logits, labels = jax.random.normal(jax.random.key(0), (5, 7)), jnp.arange(5)
-  smoothed, plain = train.make_losses(config_lib.entry("loss", "softmax_xent", label_smoothing=0.1))
+  smoothed, plain = experiment.make_losses(
+    config_lib.entry("loss", "softmax_xent", label_smoothing=0.1)
+  )
   nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)[:, 0]
   np.testing.assert_allclose(plain(logits, labels), nll, rtol=1e-6)
   assert not np.allclose(smoothed(logits, labels), nll)

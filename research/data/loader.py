@@ -80,7 +80,8 @@ def eval_batches(
   process_index: int = 0,
   process_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
-  """Every example exactly once, in order; the last batch is padded and `mask` marks real rows."""
+  """Every example exactly once, in order; the last batch is padded, `mask` marks real rows
+  and `index` is each row's position in `arrays` (0 for padding)."""
   num_examples = len(next(iter(arrays.values())))
   rows = process_slice(global_batch_size, process_index, process_count)
   for start in range(0, num_examples, global_batch_size):
@@ -89,4 +90,5 @@ def eval_batches(
     indices = np.where(mask, positions, 0)
     batch = {key: value[indices] for key, value in arrays.items()}
     batch["mask"] = mask
+    batch["index"] = indices.astype(np.int32)
     yield batch
