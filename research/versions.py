@@ -18,6 +18,8 @@ PACKAGES = (
   "tensorflow",
   "sentencepiece",
   "sacrebleu",
+  "scikit-learn",
+  "matplotlib",
 )
 
 
