@@ -1,9 +1,11 @@
 """Fashion-MNIST, a tiny Vision Transformer (patches 4x4 -> 49 tokens + class token).
 
 Goal (issue 5): >= 90% test accuracy. Width 128, 6 layers, 4 heads, MLP 2x
-(0.8M parameters: ViT-Ti's depth at two thirds of its width, so that this
-2-core CPU trains 8 epochs in under an hour), AdamW with warm-up + cosine,
-label smoothing 0.1, the same crop-and-flip augmentation as the ResNet.
+(0.8M parameters: ViT-Ti's depth at two thirds of its width), AdamW with
+warm-up + cosine, label smoothing 0.1, horizontal flips, 10 epochs. With the
+ResNet's crop-and-flip augmentation, 8 epochs underfit (86.38%, train loss
+0.79): a ViT this small learns slowly from 60,000 images, so the run keeps the
+flips only.
 Variants: `fashion_mnist_vit.py:epochs=1`, `:pool=mean`.
 """
 
@@ -11,11 +13,11 @@ from research import config as config_lib
 
 
 def get_config(arg=None):
-  options = config_lib.parse_arg(arg, epochs=8.0, pool="cls")
+  options = config_lib.parse_arg(arg, epochs=10.0, pool="cls")
   config = config_lib.base()
   config.data.name = "fashion_mnist"
   config.data.raw_dir = config_lib.raw_data_dir("fashion-mnist")
-  config.data.pp_train = "pad(2)|random_crop(28)|flip_lr"
+  config.data.pp_train = "flip_lr"
   config.model = config_lib.entry(
     "model", "vit", patch_size=4, num_layers=6, num_heads=4, embed_dim=128, mlp_ratio=2,
     pool=options.pool,
@@ -28,6 +30,6 @@ def get_config(arg=None):
   config.global_batch_size = 128
   config.num_epochs = options.epochs
   config.log_every_steps = 100
-  config.eval_every_steps = 2000
+  config.eval_every_steps = 1000
   config.checkpoint_every_steps = 1000
   return config

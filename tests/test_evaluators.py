@@ -145,3 +145,11 @@ def test_evaluators_count_each_example_once_on_8_devices(trained, tfds_data_dir,
   assert sum(int(v) for row in rows for v in row[1:]) == 1003
   for key, value in final.items():  # 1,003 examples in batches of 80 split 8 ways
     assert eight["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+
+
+def test_evaluate_names_a_missing_checkpoint(tmp_path):
+  with pytest.raises(evaluate.EvaluateError, match="no such directory"):
+    evaluate.evaluate_checkpoint(str(tmp_path / "nothing"))
+  (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+  with pytest.raises(evaluate.EvaluateError, match="no config.json .* pass --config"):
+    evaluate.evaluate_checkpoint(str(tmp_path / "run"))
