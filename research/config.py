@@ -160,10 +160,16 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
       str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "experiments").glob("*.py")
     )
     raise ConfigError(f"config file {path!r} not found; available: {', '.join(available)}")
+  module = load_module(path)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def load_module(path: str):
+  """The experiment file at `path` as a module (get_config, and get_sweep if it has one)."""
   module_spec = importlib.util.spec_from_file_location("_experiment_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  return module
 
 
 # --- Validation.

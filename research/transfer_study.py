@@ -26,13 +26,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-_STUDY = flags.DEFINE_enum("study", None, ["digits_clothing", "digits_sklearn"], "Which study.")
-_ROOT = flags.DEFINE_string("root", "runs/transfer", "Where the runs' workdirs go.")
-_OUT = flags.DEFINE_string("out", "results/transfer.md", "The results file.")
-_MODELS = flags.DEFINE_list("models", ["cnn", "resnet20"], "Models: cnn, resnet20.")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds per target cell.")
-_STEPS = flags.DEFINE_integer("steps", 0, "Target step budget; 0: the study's default.")
-_SOURCE_STEPS = flags.DEFINE_integer("source_steps", 938, "Source training steps (2 epochs).")
+from research.results import final_metrics
 
 CONFIG = "experiments/transfer.py"
 SHOTS = (1, 5, 10, 25)
@@ -46,7 +40,7 @@ MODES = {  # column -> config overrides on top of init.checkpoint
 }  # fmt: skip
 STUDIES = {  # name -> (pairs, modes, default target steps)
   "digits_clothing": ([("fashion_mnist", "mnist"), ("mnist", "fashion_mnist")], list(MODES), 150),
-  "digits_sklearn": ([("mnist", "digits")], ["scratch", "fine-tune"], 100),
+  "digits_sklearn": ([("mnist", "digits")], ["scratch", "fine-tune"], 50),
 }
 
 
@@ -57,7 +51,7 @@ class Run:
 
   @property
   def done(self) -> bool:
-    return bool(final_metrics(self.workdir))
+    return bool(final_metrics(self.workdir) or fewshot_metrics(self.workdir))
 
   def run(self) -> None:
     if self.done:
@@ -72,19 +66,6 @@ class Run:
     if result.returncode:
       raise RuntimeError(f"{' '.join(self.command)} failed (exit {result.returncode}); see {log}")
     logging.info("finished in %.0fs: %s", time.perf_counter() - t0, self.workdir)
-
-
-def final_metrics(workdir: Path) -> dict | None:
-  """The metrics of a run's last evaluation at its final step, or None if it has not finished."""
-  from research.metrics import read_jsonl
-
-  config_path, metrics_path = workdir / "config.json", workdir / "metrics.jsonl"
-  if not config_path.exists() or not metrics_path.exists():
-    return None
-  total = json.loads(config_path.read_text())["derived"]["total_steps"]
-  split = json.loads(config_path.read_text())["config"]["data"]["eval_split"]
-  records = [r for r in read_jsonl(metrics_path) if r["split"] == split and r["step"] == total]
-  return records[-1]["metrics"] if records else None
 
 
 def train_command(data: str, model: str, steps: int, seed: int, workdir: Path, extra=()):
@@ -205,16 +186,30 @@ def write_section(out: Path, name: str, section: str) -> None:
   out.write_text(text)
 
 
+def define_flags():
+  """Defined on the command line only, so that the entry points import together."""
+  flags.DEFINE_enum("study", None, ["digits_clothing", "digits_sklearn"], "Which study.")
+  flags.DEFINE_string("root", "runs/transfer", "Where the runs' workdirs go.")
+  flags.DEFINE_string("out", "results/transfer.md", "The results file.")
+  flags.DEFINE_list("models", ["cnn", "resnet20"], "Models: cnn, resnet20.")
+  flags.DEFINE_integer("seeds", 3, "Seeds per target cell.")
+  flags.DEFINE_integer("steps", 0, "Target step budget; 0: the study's default.")
+  flags.DEFINE_integer("source_steps", 938, "Source training steps (2 epochs).")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if _STUDY.value is None:
+  if flags.FLAGS.study is None:
     raise app.UsageError("--study is required")
-  section = run_study(_STUDY.value, Path(_ROOT.value), _MODELS.value, _SEEDS.value,
-                      _STEPS.value, _SOURCE_STEPS.value)  # fmt: skip
-  write_section(Path(_OUT.value), _STUDY.value, section)
+  args = flags.FLAGS
+  section = run_study(
+    args.study, Path(args.root), args.models, args.seeds, args.steps, args.source_steps
+  )
+  write_section(Path(args.out), args.study, section)
   print(section)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -171,3 +171,17 @@ def test_digits_are_real_scikit_learn_digits_in_mnist_framing():
   border = np.concatenate([dataset.train["inputs"][:, :4].ravel(),
                            dataset.train["inputs"][:, :, -4:].ravel()])  # fmt: skip
   assert border.max() == 0 and dataset.train["inputs"].max() == 255
+
+
+def test_study_sections_replace_only_their_own_part(tmp_path):
+  from research import transfer_study
+
+  out = tmp_path / "transfer.md"
+  transfer_study.write_section(out, "a", "## a\nfirst")
+  transfer_study.write_section(out, "b", "## b\nsecond")
+  transfer_study.write_section(out, "a", "## a\nagain")
+  text = out.read_text()
+  assert text.startswith("# Transfer learning")
+  assert "again" in text and "first" not in text and "second" in text
+  assert text.index("## a") < text.index("## b")
+  assert transfer_study.mean_std([0.5, 0.7]) == "60.00 ± 14.14 (n=2)"

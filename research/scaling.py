@@ -1,0 +1,167 @@
+"""Scaling laws: power-law fits to sweep results, bootstrap intervals, compute-optimal sizes.
+
+    L(N)    = E + A / N**alpha                      (Kaplan et al. 2020, with an offset)
+    L(D)    = E + B / D**beta
+    L(N, D) = E + A / N**alpha + B / D**beta       (Hoffmann et al. 2022, "approach 3")
+
+Fits minimise the squared error of log L (so every point weighs by its relative
+error; the joint form with a Huber loss as Hoffmann et al.) with scipy's
+least_squares from a grid of starting points, keeping the best. Intervals are
+percentiles of refits to bootstrap resamples of the points. With training
+compute C = 6 N D, the loss-optimal split of a budget is
+N_opt = G (C/6)**(beta/(alpha+beta)), G = (alpha A / (beta B))**(1/(alpha+beta)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Fit:
+  params: dict  # E, A, alpha (and B, beta for the joint form)
+  intervals: dict  # name -> (low, high), 95% bootstrap percentiles; {} without bootstrap
+  residuals: np.ndarray  # log L - log fit, per point
+  form: str  # "power" or "joint"
+
+  def predict(self, n, d=None):
+    p = self.params
+    if self.form == "power":
+      return p["E"] + p["A"] / np.asarray(n, float) ** p["alpha"]
+    return (
+      p["E"]
+      + p["A"] / np.asarray(n, float) ** p["alpha"]
+      + p["B"] / np.asarray(d, float) ** p["beta"]
+    )
+
+
+def _power(theta, n):
+  log_e, log_a, alpha = theta
+  return np.exp(log_e) + np.exp(log_a) / n**alpha
+
+
+def _joint(theta, n, d):
+  log_e, log_a, alpha, log_b, beta = theta
+  return np.exp(log_e) + np.exp(log_a) / n**alpha + np.exp(log_b) / d**beta
+
+
+def _best_fit(residual_fn, starts, loss: str = "linear", f_scale: float = 1.0):
+  from scipy import optimize
+
+  best = None
+  for start in starts:
+    try:
+      result = optimize.least_squares(residual_fn, np.array(start, float), loss=loss,
+                                      f_scale=f_scale, max_nfev=5000)  # fmt: skip
+    except (ValueError, FloatingPointError):
+      continue
+    if np.all(np.isfinite(result.x)) and (best is None or result.cost < best.cost):
+      best = result
+  if best is None:
+    raise ValueError("no fit converged")
+  return best.x
+
+
+def fit_power_law(n, loss, bootstrap: int = 0, seed: int = 0) -> Fit:
+  """L(x) = E + A / x**alpha for x = model size N (or data size D)."""
+  n, loss = np.asarray(n, float), np.asarray(loss, float)
+  if len(n) < 3:
+    raise ValueError(f"a power law with an offset needs >= 3 points, got {len(n)}")
+  scale = np.exp(np.mean(np.log(n)))  # fit in units of the geometric mean size: better conditioned
+
+  def solve(n_, loss_):
+    residual = lambda theta: np.log(_power(theta, n_ / scale)) - np.log(loss_)  # noqa: E731
+    starts = [(np.log(e * loss_.min()), np.log(max(loss_.max() - e * loss_.min(), 1e-3)), a)
+              for e, a in itertools.product((0.01, 0.5, 0.9), (0.05, 0.3, 1.0))]  # fmt: skip
+    log_e, log_a, alpha = _best_fit(residual, starts)
+    return {"E": np.exp(log_e), "A": np.exp(log_a) * scale**alpha, "alpha": alpha}
+
+  params = solve(n, loss)
+  intervals = _bootstrap(lambda idx: solve(n[idx], loss[idx]), len(n), bootstrap, seed)
+  fitted = params["E"] + params["A"] / n ** params["alpha"]
+  return Fit(params, intervals, np.log(loss) - np.log(fitted), "power")
+
+
+def fit_joint(n, d, loss, bootstrap: int = 0, seed: int = 0, huber_delta: float = 1e-3) -> Fit:
+  """L(N, D) = E + A / N**alpha + B / D**beta, Hoffmann et al.'s Huber loss on log L."""
+  n, d, loss = (np.asarray(x, float) for x in (n, d, loss))
+  if len(n) < 5:
+    raise ValueError(f"the joint law has 5 parameters; got {len(n)} points")
+  n_scale, d_scale = np.exp(np.mean(np.log(n))), np.exp(np.mean(np.log(d)))
+
+  def solve(n_, d_, loss_):
+    residual = lambda theta: np.log(_joint(theta, n_ / n_scale, d_ / d_scale)) - np.log(loss_)  # noqa: E731
+    low, spread = loss_.min(), max(loss_.max() - loss_.min(), 1e-3)
+    starts = [(np.log(e * low), np.log(spread), a, np.log(spread), b)
+              for e, a, b in itertools.product((0.3, 0.8), (0.1, 0.5), (0.1, 0.5))]  # fmt: skip
+    log_e, log_a, alpha, log_b, beta = _best_fit(residual, starts, "huber", huber_delta)
+    return {"E": np.exp(log_e), "A": np.exp(log_a) * n_scale**alpha, "alpha": alpha,
+            "B": np.exp(log_b) * d_scale**beta, "beta": beta}  # fmt: skip
+
+  params = solve(n, d, loss)
+  intervals = _bootstrap(lambda idx: solve(n[idx], d[idx], loss[idx]), len(n), bootstrap, seed)
+  fit = Fit(params, intervals, np.zeros(len(n)), "joint")
+  fit.residuals = np.log(loss) - np.log(fit.predict(n, d))
+  return fit
+
+
+def _bootstrap(refit, num_points: int, samples: int, seed: int) -> dict:
+  if not samples:
+    return {}
+  rng = np.random.default_rng(seed)
+  draws = []
+  for _ in range(samples):
+    idx = rng.integers(0, num_points, num_points)
+    if len(np.unique(idx)) < 3:
+      continue
+    try:
+      draws.append(refit(idx))
+    except ValueError:
+      continue
+  return {k: (float(np.percentile([p[k] for p in draws], 2.5)),
+              float(np.percentile([p[k] for p in draws], 97.5))) for k in draws[0]}  # fmt: skip
+
+
+def compute_optimal(fit: Fit, compute: float) -> dict:
+  """The N and D that minimise the joint law at C = 6 N D FLOPs, and the loss there."""
+  p = fit.params
+  a, b = p["alpha"], p["beta"]
+  g = (a * p["A"] / (b * p["B"])) ** (1.0 / (a + b))
+  n_opt = g * (compute / 6.0) ** (b / (a + b))
+  d_opt = compute / (6.0 * n_opt)
+  return {"N": float(n_opt), "D": float(d_opt), "loss": float(fit.predict(n_opt, d_opt))}
+
+
+def plot_fit(x, loss, fit: Fit, path, xlabel: str, groups=None, group_label: str = "") -> None:
+  """Data points and the fitted curve(s) on log-log axes, residuals below."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  x, loss = np.asarray(x, float), np.asarray(loss, float)
+  fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
+                                    gridspec_kw={"height_ratios": [3, 1]})  # fmt: skip
+  grid = np.geomspace(x.min() / 1.5, x.max() * 1.5, 200)
+  keys = sorted(set(groups)) if groups is not None else [None]
+  for key in keys:
+    mask = np.ones(len(x), bool) if key is None else np.asarray(groups) == key
+    label = None if key is None else f"{group_label}={key:g}"
+    points = top.scatter(x[mask], loss[mask], label=label, zorder=3)
+    curve = fit.predict(grid) if fit.form == "power" else fit.predict(grid, np.full_like(grid, key))
+    top.plot(grid, curve, color=points.get_facecolor()[0], alpha=0.7)
+    bottom.scatter(x[mask], fit.residuals[mask], color=points.get_facecolor()[0])
+  p = fit.params
+  title = ", ".join(f"{k}={v:.3g}" for k, v in p.items())
+  top.set(xscale="log", yscale="log", ylabel="loss", title=title)
+  top.grid(alpha=0.3, which="both")
+  if groups is not None:
+    top.legend(fontsize=8)
+  bottom.axhline(0, color="gray", lw=0.8)
+  bottom.set(xscale="log", xlabel=xlabel, ylabel="log residual")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
