@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -165,3 +167,119 @@ def plot_fit(x, loss, fit: Fit, path, xlabel: str, groups=None, group_label: str
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+# --- The study: python -m research.scaling --sweep=experiments/shakespeare_scaling.py
+
+
+def non_embedding_params(workdir) -> int:
+  """Parameters of a run's checkpoint other than token and position embeddings."""
+  from research import checkpoint
+
+  _, state = checkpoint.read_state(Path(workdir) / "checkpoints")
+  return int(sum(v.size for k, v in state.items()
+                 if k.startswith("params/") and "embedding" not in k))  # fmt: skip
+
+
+def collect(runs) -> list[dict]:
+  """One point per finished run: N (non-embedding parameters), D (tokens trained), loss."""
+  from research import results
+
+  points = []
+  for run in runs:
+    loaded = results.load_run(run.workdir)
+    loss = results.metric_value(loaded, "loss")
+    config = loaded.config
+    tokens = loaded.total_steps * config["global_batch_size"] * config["data.seq_len"]
+    size = non_embedding_params(run.workdir)
+    points.append({"run": run.name, "N": size, "D": tokens, "loss": loss})
+  return points
+
+
+def _interval(fit: Fit, key: str) -> str:
+  low, high = fit.intervals.get(key, (float("nan"), float("nan")))
+  return f"{fit.params[key]:.3g} [{low:.3g}, {high:.3g}]"
+
+
+def report(points: list[dict], sweep_spec: str, root: str, plot_path: Path, bootstrap: int) -> str:
+  from research.versions import versions
+
+  n = np.array([p["N"] for p in points], float)
+  d = np.array([p["D"] for p in points], float)
+  loss = np.array([p["loss"] for p in points], float)
+  at_max_d, at_max_n = d == d.max(), n == n.max()
+  fit_n = fit_power_law(n[at_max_d], loss[at_max_d], bootstrap)
+  fit_d = fit_power_law(d[at_max_n], loss[at_max_n], bootstrap)
+  joint = fit_joint(n, d, loss, bootstrap)
+  plot_fit(n, loss, joint, plot_path, "non-embedding parameters N", groups=d, group_label="D")
+  plot_fit(n[at_max_d], loss[at_max_d], fit_n, plot_path.with_name(plot_path.stem + "_n.png"),
+           "non-embedding parameters N")  # fmt: skip
+  lines = [
+    "# Scaling: Tiny Shakespeare character LMs", "",
+    f"{len(points)} runs: {len(set(n))} model sizes ({n.min():,.0f} to {n.max():,.0f} "
+    f"non-embedding parameters, {n.max() / n.min():.0f}x) x {len(set(d))} data sizes "
+    f"({d.min():,.0f} to "
+    f"{d.max():,.0f} training tokens). Loss: final validation loss (nats per character). "
+    "Fits minimise squared log error; intervals: 95% bootstrap over points "
+    f"({bootstrap} resamples).", "",
+    "| fit | E | A or B | exponent |", "|---|---|---|---|",
+    f"| L(N) = E + A/N^alpha at D = {d.max():,.0f} | {_interval(fit_n, 'E')} | "
+    f"{_interval(fit_n, 'A')} | alpha_N = {_interval(fit_n, 'alpha')} |",
+    f"| L(D) = E + B/D^beta at N = {n.max():,.0f} | {_interval(fit_d, 'E')} | "
+    f"{_interval(fit_d, 'A')} | beta_D = {_interval(fit_d, 'alpha')} |",
+    f"| L(N, D) = E + A/N^alpha + B/D^beta (Hoffmann et al.) | {_interval(joint, 'E')} | "
+    f"A = {_interval(joint, 'A')}, B = {_interval(joint, 'B')} | "
+    f"alpha = {_interval(joint, 'alpha')}, beta = {_interval(joint, 'beta')} |", "",
+    f"![joint fit]({plot_path.name}) ![L(N)]({plot_path.stem}_n.png)", "",
+    "Compute-optimal sizes from the joint fit (C = 6 N D):", "",
+    "| C (FLOPs) | N_opt | D_opt | predicted loss |", "|---|---|---|---|",
+  ]  # fmt: skip
+  for compute in (1e12, 1e13, 1e14, 1e15):
+    opt = compute_optimal(joint, compute)
+    lines.append(f"| {compute:.0e} | {opt['N']:,.0f} | {opt['D']:,.0f} | {opt['loss']:.3f} |")
+  lines += ["", "| run | N | D | validation loss |", "|---|---|---|---|"]
+  lines += [f"| {p['run']} | {p['N']:,} | {p['D']:,} | {p['loss']:.4f} |" for p in points]
+  command = f"python -m research.scaling --sweep={sweep_spec} --root={root}"
+  lines += ["", f"Command: `{command}` (runs the sweep's missing runs, then fits). "
+            f"Library versions: {json.dumps(versions())}", ""]  # fmt: skip
+  return "\n".join(lines)
+
+
+def main(argv):
+  from absl import app, flags
+
+  from research import sweep
+
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  args = flags.FLAGS
+  runs = sweep.expand(args.sweep, args.root)
+  failures = sweep.run_local(runs, args.parallel)
+  if failures:
+    raise SystemExit("failed runs:\n" + "\n".join(failures))
+  out = Path(args.out)
+  text = report(collect(runs), args.sweep, args.root, out.with_suffix(".png"), args.bootstrap)
+  discussion = out.with_name(out.stem + "_discussion.md")
+  if discussion.exists():  # the hand-written comparison with the literature stays
+    text += "\n" + discussion.read_text()
+  out.write_text(text)
+  print(text)
+
+
+def define_flags():
+  from absl import flags
+
+  flags.DEFINE_string(
+    "sweep", "experiments/shakespeare_scaling.py", "Config file with get_sweep()."
+  )
+  flags.DEFINE_string("root", "runs/sweeps", "Where the runs' workdirs go.")
+  flags.DEFINE_integer("parallel", 1, "Runs at a time.")
+  flags.DEFINE_string("out", "results/scaling.md", "The report; its plot goes beside it (.png).")
+  flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for the intervals.")
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  define_flags()
+  app.run(main)

@@ -65,13 +65,15 @@ def _format(value) -> str:
 
 
 def run_name(overrides: dict) -> str:
-  """'learning_rate=0.001,seed=0': short keys unless two collide; hashed if very long."""
+  """'learning_rate=0.001,seed=0': short keys unless two collide, the config file's variant
+  argument as it is; hashed if very long."""
   short = {k: k.rsplit(".", 1)[-1] for k in overrides}
   counts = {}
   for name in short.values():
     counts[name] = counts.get(name, 0) + 1
   value = lambda v: "-".join(map(str, v)) if isinstance(v, tuple | list) else str(v)  # noqa: E731
-  parts = [f"{short[k] if counts[short[k]] == 1 else k}={value(v)}" for k, v in overrides.items()]
+  parts = [value(v) if k == "arg" else f"{short[k] if counts[short[k]] == 1 else k}={value(v)}"
+           for k, v in overrides.items()]  # fmt: skip
   name = re.sub(r"[^\w.=,+-]+", "_", ",".join(parts)).strip("_") or "default"
   if len(name) > 120:
     name = name[:100] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]

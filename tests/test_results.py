@@ -46,7 +46,7 @@ def test_sweep_helpers_expand_grids_zips_and_seeds():
     "model.dropout=0.1,data.dropout=0.2"
   )
   assert sweep.run_name({"model.widths": (64, 32), "arg": "size=cpu30"}) == (
-    "widths=64-32,arg=size=cpu30"
+    "widths=64-32,size=cpu30"
   )
 
 
