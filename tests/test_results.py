@@ -187,3 +187,12 @@ def test_joint_law_fit_and_compute_optimal_size():
   sizes = np.geomspace(1e3, 1e9, 20001)  # brute force along C = 6 N D
   brute = sizes[np.argmin(fit.predict(sizes, 1e15 / (6 * sizes)))]
   assert optimum["N"] == pytest.approx(brute, rel=2e-3)
+
+
+def test_sweep_submits_each_unfinished_run_through_the_slurm_launcher(tmp_path, capfd):
+  runs = sweep.expand(str(_write_sweep(tmp_path, "", "")), tmp_path / "runs")
+  assert sweep.submit(runs, "slurm", ["--dry_run", "--nodes=2"]) == []
+  out = capfd.readouterr().out
+  for run in runs:
+    assert f"# then: sbatch {run.workdir}/slurm.sbatch" in out
+  assert out.count("srun") == 2 and "#SBATCH --nodes=2" in out
