@@ -67,14 +67,18 @@ def _best_fit(residual_fn, starts, loss: str = "linear", f_scale: float = 1.0):
   return best.x
 
 
-def fit_power_law(n, loss, bootstrap: int = 0, seed: int = 0) -> Fit:
-  """L(x) = E + A / x**alpha for x = model size N (or data size D)."""
+def fit_power_law(n, loss, bootstrap: int = 0, seed: int = 0, offset: bool = True) -> Fit:
+  """L(x) = E + A / x**alpha for x = model size N (or data size D); `offset=False`
+  fixes E = 0, Kaplan et al.'s form L = (x_c / x)**alpha (a line in log-log)."""
   n, loss = np.asarray(n, float), np.asarray(loss, float)
-  if len(n) < 3:
-    raise ValueError(f"a power law with an offset needs >= 3 points, got {len(n)}")
+  if len(n) < (3 if offset else 2):
+    raise ValueError(f"too few points for a power law: {len(n)}")
   scale = np.exp(np.mean(np.log(n)))  # fit in units of the geometric mean size: better conditioned
 
   def solve(n_, loss_):
+    if not offset:
+      slope, intercept = np.polyfit(np.log(n_), np.log(loss_), 1)
+      return {"E": 0.0, "A": float(np.exp(intercept)), "alpha": float(-slope)}
     residual = lambda theta: np.log(_power(theta, n_ / scale)) - np.log(loss_)  # noqa: E731
     starts = [(np.log(e * loss_.min()), np.log(max(loss_.max() - e * loss_.min(), 1e-3)), a)
               for e, a in itertools.product((0.01, 0.5, 0.9), (0.05, 0.3, 1.0))]  # fmt: skip
@@ -123,6 +127,8 @@ def _bootstrap(refit, num_points: int, samples: int, seed: int) -> dict:
       draws.append(refit(idx))
     except ValueError:
       continue
+  if not draws:
+    return {}
   return {k: (float(np.percentile([p[k] for p in draws], 2.5)),
               float(np.percentile([p[k] for p in draws], 97.5))) for k in draws[0]}  # fmt: skip
 
@@ -208,9 +214,18 @@ def report(points: list[dict], sweep_spec: str, root: str, plot_path: Path, boot
   d = np.array([p["D"] for p in points], float)
   loss = np.array([p["loss"] for p in points], float)
   at_max_d, at_max_n = d == d.max(), n == n.max()
-  fit_n = fit_power_law(n[at_max_d], loss[at_max_d], bootstrap)
-  fit_d = fit_power_law(d[at_max_n], loss[at_max_n], bootstrap)
+  fits = {  # name -> (fit, x, loss)
+    f"L(N) = (N_c/N)^alpha_N (Kaplan's form) at D = {d.max():,.0f}": (
+      fit_power_law(n[at_max_d], loss[at_max_d], bootstrap, offset=False)),
+    f"L(N) = E + A/N^alpha_N at D = {d.max():,.0f}": (
+      fit_power_law(n[at_max_d], loss[at_max_d], bootstrap)),
+    f"L(D) = (D_c/D)^alpha_D (Kaplan's form) at N = {n.max():,.0f}": (
+      fit_power_law(d[at_max_n], loss[at_max_n], bootstrap, offset=False)),
+    f"L(D) = E + B/D^alpha_D at N = {n.max():,.0f}": (
+      fit_power_law(d[at_max_n], loss[at_max_n], bootstrap)),
+  }  # fmt: skip
   joint = fit_joint(n, d, loss, bootstrap)
+  fit_n = list(fits.values())[0]
   plot_fit(n, loss, joint, plot_path, "non-embedding parameters N", groups=d, group_label="D")
   plot_fit(n[at_max_d], loss[at_max_d], fit_n, plot_path.with_name(plot_path.stem + "_n.png"),
            "non-embedding parameters N")  # fmt: skip
@@ -220,16 +235,19 @@ def report(points: list[dict], sweep_spec: str, root: str, plot_path: Path, boot
     f"non-embedding parameters, {n.max() / n.min():.0f}x) x {len(set(d))} data sizes "
     f"({d.min():,.0f} to "
     f"{d.max():,.0f} training tokens). Loss: final validation loss (nats per character). "
-    "Fits minimise squared log error; intervals: 95% bootstrap over points "
+    "Fits minimise squared log error; [intervals]: 95% bootstrap over points "
     f"({bootstrap} resamples).", "",
-    "| fit | E | A or B | exponent |", "|---|---|---|---|",
-    f"| L(N) = E + A/N^alpha at D = {d.max():,.0f} | {_interval(fit_n, 'E')} | "
-    f"{_interval(fit_n, 'A')} | alpha_N = {_interval(fit_n, 'alpha')} |",
-    f"| L(D) = E + B/D^beta at N = {n.max():,.0f} | {_interval(fit_d, 'E')} | "
-    f"{_interval(fit_d, 'A')} | beta_D = {_interval(fit_d, 'alpha')} |",
+    "| fit | E | A (or B) | exponent | rms log residual |", "|---|---|---|---|---|",
+  ]  # fmt: skip
+  for name, fit in fits.items():
+    rms = float(np.sqrt(np.mean(fit.residuals**2)))
+    lines.append(f"| {name} | {_interval(fit, 'E')} | {_interval(fit, 'A')} | "
+                 f"{_interval(fit, 'alpha')} | {rms:.4f} |")  # fmt: skip
+  rms = float(np.sqrt(np.mean(joint.residuals**2)))
+  lines += [
     f"| L(N, D) = E + A/N^alpha + B/D^beta (Hoffmann et al.) | {_interval(joint, 'E')} | "
     f"A = {_interval(joint, 'A')}, B = {_interval(joint, 'B')} | "
-    f"alpha = {_interval(joint, 'alpha')}, beta = {_interval(joint, 'beta')} |", "",
+    f"alpha = {_interval(joint, 'alpha')}, beta = {_interval(joint, 'beta')} | {rms:.4f} |", "",
     f"![joint fit]({plot_path.name}) ![L(N)]({plot_path.stem}_n.png)", "",
     "Compute-optimal sizes from the joint fit (C = 6 N D):", "",
     "| C (FLOPs) | N_opt | D_opt | predicted loss |", "|---|---|---|---|",

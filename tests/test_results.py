@@ -174,6 +174,8 @@ def test_power_law_fit_recovers_known_exponents():
   assert fit.params["E"] == pytest.approx(1.7, rel=0.02)
   low, high = fit.intervals["alpha"]
   assert low < fit.params["alpha"] < high
+  kaplan = scaling.fit_power_law(n, 3.0 * (n / 1e4) ** -0.076, offset=False)  # no offset
+  assert kaplan.params["alpha"] == pytest.approx(0.076, rel=0.02) and kaplan.params["E"] == 0.0
 
 
 def test_joint_law_fit_and_compute_optimal_size():
