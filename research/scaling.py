@@ -75,18 +75,26 @@ def fit_power_law(n, loss, bootstrap: int = 0, seed: int = 0, offset: bool = Tru
     raise ValueError(f"too few points for a power law: {len(n)}")
   scale = np.exp(np.mean(np.log(n)))  # fit in units of the geometric mean size: better conditioned
 
-  def solve(n_, loss_):
+  def solve(n_, loss_, start=None):
     if not offset:
       slope, intercept = np.polyfit(np.log(n_), np.log(loss_), 1)
       return {"E": 0.0, "A": float(np.exp(intercept)), "alpha": float(-slope)}
     residual = lambda theta: np.log(_power(theta, n_ / scale)) - np.log(loss_)  # noqa: E731
-    starts = [(np.log(e * loss_.min()), np.log(max(loss_.max() - e * loss_.min(), 1e-3)), a)
-              for e, a in itertools.product((0.01, 0.5, 0.9), (0.05, 0.3, 1.0))]  # fmt: skip
+    starts = (
+      [start]
+      if start is not None
+      else [
+        (np.log(e * loss_.min()), np.log(max(loss_.max() - e * loss_.min(), 1e-3)), a)
+        for e, a in itertools.product((0.01, 0.5, 0.9), (0.05, 0.3, 1.0))
+      ]
+    )
     log_e, log_a, alpha = _best_fit(residual, starts)
     return {"E": np.exp(log_e), "A": np.exp(log_a) * scale**alpha, "alpha": alpha}
 
   params = solve(n, loss)
-  intervals = _bootstrap(lambda idx: solve(n[idx], loss[idx]), len(n), bootstrap, seed)
+  start = (np.log(max(params["E"], 1e-300)), np.log(params["A"] / scale ** params["alpha"]),
+           params["alpha"])  # fmt: skip
+  intervals = _bootstrap(lambda idx: solve(n[idx], loss[idx], start), len(n), bootstrap, seed)
   fitted = params["E"] + params["A"] / n ** params["alpha"]
   return Fit(params, intervals, np.log(loss) - np.log(fitted), "power")
 
@@ -98,24 +106,36 @@ def fit_joint(n, d, loss, bootstrap: int = 0, seed: int = 0, huber_delta: float 
     raise ValueError(f"the joint law has 5 parameters; got {len(n)} points")
   n_scale, d_scale = np.exp(np.mean(np.log(n))), np.exp(np.mean(np.log(d)))
 
-  def solve(n_, d_, loss_):
+  def solve(n_, d_, loss_, start=None):
     residual = lambda theta: np.log(_joint(theta, n_ / n_scale, d_ / d_scale)) - np.log(loss_)  # noqa: E731
     low, spread = loss_.min(), max(loss_.max() - loss_.min(), 1e-3)
-    starts = [(np.log(e * low), np.log(spread), a, np.log(spread), b)
-              for e, a, b in itertools.product((0.3, 0.8), (0.1, 0.5), (0.1, 0.5))]  # fmt: skip
+    starts = (
+      [start]
+      if start is not None
+      else [
+        (np.log(e * low), np.log(spread), a, np.log(spread), b)
+        for e, a, b in itertools.product((0.3, 0.8), (0.1, 0.5), (0.1, 0.5))
+      ]
+    )
     log_e, log_a, alpha, log_b, beta = _best_fit(residual, starts, "huber", huber_delta)
     return {"E": np.exp(log_e), "A": np.exp(log_a) * n_scale**alpha, "alpha": alpha,
             "B": np.exp(log_b) * d_scale**beta, "beta": beta}  # fmt: skip
 
   params = solve(n, d, loss)
-  intervals = _bootstrap(lambda idx: solve(n[idx], d[idx], loss[idx]), len(n), bootstrap, seed)
+  log_a = np.log(params["A"] / n_scale ** params["alpha"])
+  log_b = np.log(params["B"] / d_scale ** params["beta"])
+  start = (np.log(max(params["E"], 1e-300)), log_a, params["alpha"], log_b, params["beta"])
+  refit = lambda idx: solve(n[idx], d[idx], loss[idx], start)  # noqa: E731
+  intervals = _bootstrap(refit, len(n), bootstrap, seed)
   fit = Fit(params, intervals, np.zeros(len(n)), "joint")
   fit.residuals = np.log(loss) - np.log(fit.predict(n, d))
   return fit
 
 
 def _bootstrap(refit, num_points: int, samples: int, seed: int) -> dict:
-  if not samples:
+  """95% percentile intervals of refits (from the full fit's solution) to resampled points;
+  {} for fewer than 4 points (resamples of 3 distinct points are the points themselves)."""
+  if not samples or num_points < 4:
     return {}
   rng = np.random.default_rng(seed)
   draws = []
@@ -203,7 +223,9 @@ def collect(runs) -> list[dict]:
 
 
 def _interval(fit: Fit, key: str) -> str:
-  low, high = fit.intervals.get(key, (float("nan"), float("nan")))
+  if key not in fit.intervals:
+    return f"{fit.params[key]:.3g} (no interval)"
+  low, high = fit.intervals[key]
   return f"{fit.params[key]:.3g} [{low:.3g}, {high:.3g}]"
 
 
