@@ -277,7 +277,7 @@ def check(results_file: Path, rerun: bool = False, root: Path = Path(".")) -> li
     try:
       value = metric_value(load_run(root / row.run), row.metric)
     except ResultsError as e:
-      failures.append(f"{row.run}: {e} (run `{row.command}`, or check --rerun)")
+      failures.append(f"{e} (run `{row.command}`, or check --rerun)")
       continue
     if value is None:
       failures.append(f"{row.run}: no {row.metric} in its metrics.jsonl")
