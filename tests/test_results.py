@@ -198,3 +198,11 @@ def test_sweep_submits_each_unfinished_run_through_the_slurm_launcher(tmp_path, 
   for run in runs:
     assert f"# then: sbatch {run.workdir}/slurm.sbatch" in out
   assert out.count("srun") == 2 and "#SBATCH --nodes=2" in out
+
+
+def test_plot_draws_learning_curves_by_step_and_by_time(tmp_path):
+  runs = [results.load_run(_fake_run(tmp_path, f"r{s}", 0.1, s, 0.8 + 0.1 * s)) for s in (0, 1)]
+  for x in ("step", "time"):
+    out = tmp_path / f"curves_{x}.png"
+    results.plot(runs, "test/loss", x, out)
+    assert out.stat().st_size > 5000 and out.read_bytes()[:4] == b"\x89PNG"
