@@ -61,18 +61,13 @@ def restore_variables(exp, checkpoint_dir: Path, step: int | None):
   import jax
   import ml_collections
 
-  from research import checkpoint, optim, transfer
+  from research import transfer
   from research.sharding import path_name
 
   try:
-    step, tree = checkpoint.read_tree(checkpoint_dir, step)
+    step, source = transfer.evaluation_arrays(checkpoint_dir, step)
   except FileNotFoundError as e:
     raise EvaluateError(str(e)) from None
-  saved = {
-    "params": optim.eval_params(tree["params"], tree.get("opt_state")),
-    "model_state": tree.get("model_state", {}),
-  }
-  source = {path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
   shardings = {"params": exp.state_sharding.params, "model_state": exp.state_sharding.model_state}
   shapes = {"params": exp.state_shape.params, "model_state": exp.state_shape.model_state}
   flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)

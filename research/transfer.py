@@ -89,26 +89,34 @@ def resolve_checkpoint(path: str) -> tuple[Path, int | None]:
   return p, None
 
 
-def read_source(path: str) -> tuple[int, Path, dict]:
-  """(step, directory, {name: numpy array}) of the evaluation variables saved at `path`."""
+def evaluation_arrays(directory: Path, step: int | None) -> tuple[int, dict]:
+  """(step, {name: numpy array}) of the variables a checkpoint evaluates with: its
+  parameters' moving average if it kept one, and its model state. FileNotFoundError
+  if there is no such checkpoint."""
   import jax
 
   from research import checkpoint, optim
   from research.sharding import path_name
 
-  directory, step = resolve_checkpoint(path)
-  if not directory.is_dir():
-    raise ConfigError(f"config.init.checkpoint={path!r}: no such directory")
-  try:
-    step, tree = checkpoint.read_tree(directory, step)
-  except FileNotFoundError as e:
-    raise ConfigError(f"config.init.checkpoint={path!r}: {e}") from None
+  step, tree = checkpoint.read_tree(directory, step)
   variables = {
     "params": optim.eval_params(tree["params"], tree.get("opt_state")),
     "model_state": tree.get("model_state", {}),
   }
   flat = jax.tree_util.tree_flatten_with_path(variables)[0]
-  return step, directory, {path_name(p): leaf for p, leaf in flat}
+  return step, {path_name(p): leaf for p, leaf in flat}
+
+
+def read_source(path: str) -> tuple[int, Path, dict]:
+  """(step, directory, {name: numpy array}) of the evaluation variables saved at `path`."""
+  directory, step = resolve_checkpoint(path)
+  if not directory.is_dir():
+    raise ConfigError(f"config.init.checkpoint={path!r}: no such directory")
+  try:
+    step, arrays = evaluation_arrays(directory, step)
+  except FileNotFoundError as e:
+    raise ConfigError(f"config.init.checkpoint={path!r}: {e}") from None
+  return step, directory, arrays
 
 
 def _listing(names: list[str], limit: int = 6) -> str:
