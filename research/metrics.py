@@ -74,11 +74,27 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 class Progress:
-  """Throughput and ETA over the steps since the last report."""
+  """Throughput, FLOP rate, MFU and ETA over the steps since the last report.
 
-  def __init__(self, first_step: int, total_steps: int, examples_per_step: int):
+  `tokens_per_step`: targets per step for sequence models (0: not reported).
+  `flops_per_device_step`: model FLOPs of one step on one device (research.flops);
+  with `peak_per_device` (FLOP/s) gives the model FLOPs utilisation (MFU).
+  """
+
+  def __init__(
+    self,
+    first_step: int,
+    total_steps: int,
+    examples_per_step: int,
+    tokens_per_step: int = 0,
+    flops_per_device_step: float | None = None,
+    peak_per_device: float | None = None,
+  ):
     self.total_steps = total_steps
     self.examples_per_step = examples_per_step
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_device_step = flops_per_device_step
+    self.peak_per_device = peak_per_device
     self._last_step, self._last_time = first_step, time.perf_counter()
 
   def report(self, step: int) -> dict[str, float]:
@@ -86,21 +102,32 @@ class Progress:
     steps_per_sec = (step - self._last_step) / max(now - self._last_time, 1e-9)
     self._last_step, self._last_time = step, now
     eta = (self.total_steps - step) / max(steps_per_sec, 1e-9)
-    return {
+    speed = {
       "steps_per_sec": steps_per_sec,
       "examples_per_sec": steps_per_sec * self.examples_per_step,
       "eta_sec": eta,
     }
+    if self.tokens_per_step:
+      speed["tokens_per_sec"] = steps_per_sec * self.tokens_per_step
+    if self.flops_per_device_step:
+      speed["tflops_per_device"] = steps_per_sec * self.flops_per_device_step / 1e12
+      if self.peak_per_device:
+        speed["mfu"] = speed["tflops_per_device"] * 1e12 / self.peak_per_device
+    return speed
 
 
 def log_line(step: int, total: int, metrics: dict[str, float], speed: dict[str, float]) -> None:
   eta = datetime.timedelta(seconds=int(speed["eta_sec"]))
-  logging.info(
-    "step %d/%d loss=%.4f lr=%.3g examples/s=%.0f ETA %s",
-    step,
-    total,
-    metrics["loss"],
-    metrics["learning_rate"],
-    speed["examples_per_sec"],
-    eta,
-  )
+  parts = [
+    f"step {step}/{total}",
+    f"loss={metrics['loss']:.4f}",
+    f"lr={metrics['learning_rate']:.3g}",
+    f"examples/s={speed['examples_per_sec']:.0f}",
+  ]
+  if "tokens_per_sec" in speed:
+    parts.append(f"tokens/s={speed['tokens_per_sec']:.0f}")
+  if "tflops_per_device" in speed:
+    parts.append(f"TFLOP/s/device={speed['tflops_per_device']:.3g}")
+  if "mfu" in speed:
+    parts.append(f"MFU={100 * speed['mfu']:.1f}%")
+  logging.info("%s ETA %s", " ".join(parts), eta)

@@ -153,9 +153,10 @@ def make_train_step(
     (total, (data_loss, accuracy, model_state)), grads = step_fn(*args)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(total) & jnp.all(
-      jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
-    )
+    grad_norm = optax.global_norm(grads)
+    # NaN/Inf in any gradient makes the norm NaN/Inf: one pass over the gradients
+    # for both (a finite gradient whose square overflows float32 counts as Inf).
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     if skip_nonfinite:
       keep_old = lambda new, old: jnp.where(finite, new, old)
       params = jax.tree.map(keep_old, params, state.params)
@@ -166,7 +167,7 @@ def make_train_step(
       "loss": data_loss,
       "total_loss": total,
       "accuracy": accuracy,
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": grad_norm,
       "learning_rate": schedule(state.step),
     }
     new_state = state.replace(

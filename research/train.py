@@ -89,19 +89,68 @@ def halt_if_nonfinite(pending_metrics: list[dict], flags, first_step: int) -> No
       )
 
 
+def jit_train_step(exp):
+  """The experiment's train step, jitted with the state's and the batch's shardings
+  (the state is donated: updated in place)."""
+  import jax
+
+  from research import experiment, transfer
+  from research import step as step_lib
+
+  config = exp.config
+  return jax.jit(
+    step_lib.make_train_step(
+      exp.model,
+      exp.tx,
+      exp.loss_fn,
+      exp.schedule,
+      experiment.rng_for(config.seed, "dropout"),
+      config.optimizer.l1_penalty,
+      config.optimizer.l2_penalty,
+      skip_nonfinite=config.nan_policy == "skip",
+      sharding_context=exp.activations,
+      microbatches=config.grad_accum_steps,
+      train_model_state=transfer.trains_model_state(config.init),
+    ),
+    in_shardings=(exp.state_sharding, exp.batch_sharding),
+    out_shardings=(exp.state_sharding, exp.replicated),
+    donate_argnums=(0,),
+  )
+
+
+def speed_meter(exp, compiled, first_step: int):
+  """metrics.Progress with tokens per step and model FLOPs per device (research.flops:
+  the formula where one is known, else XLA's count of the compiled step)."""
+  import jax
+
+  from research import flops
+  from research import metrics as metrics_lib
+
+  config = exp.config
+  formula = flops.config_flops(config, exp.dataset.model_kwargs)
+  per_device = formula / jax.device_count() if formula else flops.compiled_flops(compiled)
+  peak = flops.peak_per_device(config.dtype)[0] if per_device else None
+  tokens = config.global_batch_size * config.data.seq_len if config.data.seq_len else 0
+  return metrics_lib.Progress(
+    first_step, exp.total_steps, config.global_batch_size, tokens, per_device, peak
+  )
+
+
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
   """Runs (or resumes) the experiment; returns the final eval metrics."""
   config_lib.validate(config)
   workdir = Path(workdir)
+  from research import runtime
+
+  runtime.enable_compilation_cache()  # before the first compile: a second start skips it
   check = lambda: check_workdir(workdir, config, allow_config_change)  # noqa: E731
   exp = experiment.build(config, before_data=check)
 
   import jax
   import jax.numpy as jnp
 
-  from research import checkpoint, evaluators, parallel, sharding, transfer
+  from research import checkpoint, evaluators, parallel, sharding
   from research import metrics as metrics_lib
-  from research import step as step_lib
   from research.preemption import PreemptionWatcher
   from research.versions import versions
 
@@ -129,24 +178,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
       f"# Sharding over mesh {dict(exp.mesh.shape)}\n\n{sharding_table}\n"
     )
 
-  train_step = jax.jit(
-    step_lib.make_train_step(
-      exp.model,
-      exp.tx,
-      exp.loss_fn,
-      exp.schedule,
-      experiment.rng_for(config.seed, "dropout"),
-      config.optimizer.l1_penalty,
-      config.optimizer.l2_penalty,
-      skip_nonfinite=config.nan_policy == "skip",
-      sharding_context=exp.activations,
-      microbatches=config.grad_accum_steps,
-      train_model_state=transfer.trains_model_state(config.init),
-    ),
-    in_shardings=(exp.state_sharding, exp.batch_sharding),
-    out_shardings=(exp.state_sharding, exp.replicated),
-    donate_argnums=(0,),
-  )
+  train_step = jit_train_step(exp)
   evaluation = evaluators.Evaluation(exp, output_dir=workdir)
   train_loader = exp.dataset.train_loader(
     config.global_batch_size, config.seed, process_index, exp.process_count
@@ -160,6 +192,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   try:
     for step in range(start_step, total_steps):
       batch = parallel.global_batch(train_loader(step), exp.batch_sharding)
+      if step == start_step:  # compiled ahead of time: XLA's FLOP count for MFU, one compile
+        train_step = train_step.lower(state, batch).compile()
       state, step_metrics = train_step(state, batch)
       ckpt.check()  # a failed background save stops the run here, not at the next save
       pending.append(step_metrics)
@@ -167,7 +201,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
       if step == start_step:
         jax.block_until_ready(step_metrics)
         logging.info("[TIMING] first step (compile + run): %.1fs", time.perf_counter() - t_loop)
-        progress = metrics_lib.Progress(done, total_steps, config.global_batch_size)
+        progress = speed_meter(exp, train_step, done)
       log_now = done % config.log_every_steps == 0 or done == total_steps
       save_now = done % config.checkpoint_every_steps == 0 or done == total_steps
       if log_now or save_now:
@@ -194,7 +228,13 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         writer.write(done, config.data.eval_split, eval_metrics)
         logging.info("step %d %s: %s", done, config.data.eval_split, eval_metrics)
       if save_now:
+        t_save = time.perf_counter()
         ckpt.save(done, state, metadata)
+        if process_index == 0:
+          logging.info(
+            "[TIMING] checkpoint %d: the loop waited %.3fs (the write goes on in the background)",
+            done, time.perf_counter() - t_save,
+          )  # fmt: skip
       elif preemption.should_stop(done):
         ckpt.save(done, state, metadata)
         logging.warning(

@@ -34,3 +34,11 @@ def mnist(tfds_data_dir, mnist_raw_dir):
   data_config.raw_dir = mnist_raw_dir
   data_config.data_dir = tfds_data_dir
   return registry.datasets.get("mnist")(data_config)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Runs (and the subprocesses tests start) share one compilation cache per session,
+  never the user's ~/.cache."""
+  os.environ["RESEARCH_COMPILATION_CACHE"] = str(tmp_path_factory.mktemp("jax_cache"))
+  yield

@@ -54,7 +54,7 @@ class KerasCNN(nn.Module):
     x = x_BxHxWxC.astype(layers.compute_dtype(self.dtype))
     for i, features in enumerate(self.conv_features):
       x = nn.relu(layers.conv(features, 3, "VALID", self.dtype, f"conv{i + 1}")(x))
-    x_BxHxWxF = nn.max_pool(x, (2, 2), (2, 2))
+    x_BxHxWxF = layers.max_pool_2x2(x)
     x_BxHxWxF = nn.Dropout(self.conv_dropout, deterministic=not train)(x_BxHxWxF)
     x_BxF = layers.flatten(x_BxHxWxF)
     x_BxF = nn.relu(layers.dense(self.dense_features, ("embed", "mlp"), self.dtype, "fc1")(x_BxF))

@@ -158,3 +158,20 @@ def compute_dtype(name: str):
 
 def flatten(x: jax.Array) -> jax.Array:
   return x.reshape((x.shape[0], -1))
+
+
+def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
+  """nn.max_pool(x, (2, 2), (2, 2)) (VALID: an odd last row or column is dropped) as a
+  reshape and a max.
+
+  Same forward values. The gradient differs from XLA's select-and-scatter only
+  where a window holds tied maxima (it is split among them rather than given to
+  one), e.g. a window of four ReLU zeros, whose gradient the ReLU then zeroes.
+  Why: on the CPU, select-and-scatter (the backward of reduce_window max) took
+  ~30% of the MNIST CNN's train step; this backward is elementwise (measured by
+  research.bench: 80 ms -> 9 ms for a 128x24x24x64 input on 2 cores).
+  """
+  batch, height, width, channels = x_BxHxWxC.shape
+  h2, w2 = height // 2, width // 2
+  x = x_BxHxWxC[:, : 2 * h2, : 2 * w2, :]
+  return x.reshape(batch, h2, 2, w2, 2, channels).max(axis=(2, 4))

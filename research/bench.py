@@ -1,0 +1,615 @@
+"""Benchmarks, measured side by side in one run: `results/benchmarks.md` and `.json`.
+
+    python -m research.bench                  # every section, the sizes in results/
+    python -m research.bench --smoke          # tiny sizes, seconds (CI runs this)
+    python -m research.bench --sections=speed,checkpoint
+
+Sections (each row is a ratio of two things timed in the same process, minutes apart
+at most, on the same data: this machine is shared and noisy):
+- speed: steps/s of `research.train` (its whole loop: loader, step, logging,
+  metrics) against a minimal hand-written JAX + Flax + Optax loop of the same
+  model, batch and optimizer on in-memory batches; and against PyTorch (eager
+  and torch.compile) on the same shapes, when torch is installed (`.[bench]`).
+- mfu: the Transformer LM's model FLOPs utilisation under research.train
+  (research.flops: 6N and the attention-inclusive count) over the peak of a
+  matmul measured in the same run.
+- input: the loader's examples/s against the train step's, and the share of
+  training time spent waiting for data (steps/s with the loader against the
+  same step fed one batch already on the device).
+- checkpoint: how long an asynchronous save blocks the train loop, and restore
+  time, by state size.
+- startup: compile time and the second start of the same run with the
+  persistent compilation cache (research.runtime), in fresh processes.
+
+Timing windows alternate between the things compared; the median window is reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from absl import app, flags, logging
+
+from research import config as config_lib
+
+SECTIONS = ("speed", "mfu", "input", "checkpoint", "startup")
+GOALS = {
+  "overhead": "research.train / hand-written JAX >= 0.98",
+  "pytorch": "research.train / PyTorch eager >= 1.0 on each family",
+  "mfu": "Transformer LM MFU >= 50% on this CPU",
+  "input": "time waiting for data < 1% of training time",
+  "checkpoint": "loop blocked per save < 2% of a one-minute save interval",
+  "startup": "second start (compilation cache) >= 5x faster to compile",
+}
+
+
+# --- What is measured: three model families on real data.
+
+
+def family_config(family: str, smoke: bool):
+  """(config, steps per timing window) of a benchmark family."""
+  config = config_lib.base()
+  config.optimizer = config_lib.entry("optimizer", "adam", learning_rate=1e-3)
+  config.schedule = config_lib.entry("schedule", "constant")
+  config.global_batch_size = 128
+  config.eval_every_steps = -1
+  if family in ("mlp", "cnn", "cnn_augment"):
+    dataset = "fashion_mnist" if family == "cnn_augment" else "mnist"
+    config.data.name = dataset
+    config.data.raw_dir = config_lib.raw_data_dir(dataset.replace("_", "-"))
+    if family == "mlp":
+      widths = (32,) if smoke else (1024, 1024)
+      config.model = config_lib.entry("model", "mlp", widths=widths, dropout=0.0)
+      window = 5 if smoke else 40
+    else:
+      conv, dense = ((4, 8), 16) if smoke else ((32, 64), 128)
+      config.model = config_lib.entry("model", "cnn", conv_features=conv, dense_features=dense)
+      window = 3 if smoke else 10
+    if family == "cnn_augment":
+      config.data.pp_train = "pad(2)|random_crop(28)|flip_lr"
+  elif family == "lm":
+    layers, heads, width, seq, batch = (1, 2, 32, 16, 4) if smoke else (4, 8, 512, 256, 8)
+    config.data.name = "tiny_shakespeare"
+    config.data.raw_dir = config_lib.raw_data_dir("tinyshakespeare")
+    config.data.eval_split = "validation"
+    config.data.seq_len = seq
+    config.model = config_lib.entry(
+      "model", "transformer_lm", num_layers=layers, num_heads=heads, embed_dim=width, max_len=seq
+    )
+    config.optimizer = config_lib.entry("optimizer", "adamw", learning_rate=1e-3)
+    config.sharding_rules.vocab = ()
+    config.global_batch_size = batch
+    config.eval_batch_size = 64
+    window = 2 if smoke else 4
+  else:
+    raise ValueError(f"unknown family {family!r}")
+  data_dir = os.environ.get("TFDS_DATA_DIR", "")
+  config.data.data_dir = data_dir
+  return config, window
+
+
+def describe(config) -> str:
+  model = {k: v for k, v in config.model.items() if k != "name"}
+  shape = ", ".join(f"{k}={v}" for k, v in model.items())
+  seq = f", seq {config.data.seq_len}" if config.data.seq_len else ""
+  return f"{config.model.name}({shape}), batch {config.global_batch_size}{seq}"
+
+
+# --- Timing helpers.
+
+
+def median_rate(windows: list[tuple[int, float]]) -> float:
+  """Median steps/s over (steps, seconds) windows."""
+  return statistics.median(steps / seconds for steps, seconds in windows)
+
+
+class HandLoop:
+  """A minimal JAX + Flax + Optax training loop: what a researcher writes by hand.
+
+  Same model module, optimizer and batch as the framework's run; batches are
+  real examples already in host memory (cycled), passed to a jitted step that
+  donates the parameters and optimizer state.
+  """
+
+  def __init__(self, config, dataset, num_batches: int = 16):
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import linen as nn
+
+    from research import optim, registry
+
+    self.model = model = registry.build_model(config, dataset)
+    self.tx, _ = optim.make_optimizer(config.optimizer, config.schedule, 10**6)
+    loader = dataset.train_loader(config.global_batch_size, seed=1)
+    self.batches = [loader(s) for s in range(num_batches)]
+    first = self.batches[0]["inputs"][:1]
+    dummy = first.astype(jnp.float32) / 255.0 if first.dtype == "uint8" else first
+    params = nn.meta.unbox(model.init(jax.random.key(0), dummy, train=False))["params"]
+    self.params, self.opt_state = params, self.tx.init(params)
+    tx = self.tx
+
+    def step(params, opt_state, inputs, targets, key):
+      if inputs.dtype == jnp.uint8:
+        inputs = inputs.astype(jnp.float32) / 255.0
+
+      def loss_fn(params):
+        logits = model.apply({"params": params}, inputs, train=True, rngs={"dropout": key})
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+      loss, grads = jax.value_and_grad(loss_fn)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    self.step = jax.jit(step, donate_argnums=(0, 1))
+    self.key = jax.random.key(1)
+    self.count = 0
+
+  def run(self, steps: int) -> float:
+    """Seconds for `steps` steps, waiting for the last."""
+    import jax
+
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      batch = self.batches[self.count % len(self.batches)]
+      key = jax.random.fold_in(self.key, self.count)
+      self.params, self.opt_state, loss = self.step(
+        self.params, self.opt_state, batch["inputs"], batch["targets"], key
+      )
+      self.count += 1
+    loss.block_until_ready()
+    return time.perf_counter() - t0
+
+
+def framework_windows(config, window: int, windows: int, workdir: Path) -> list[tuple[int, float]]:
+  """research.train on `config` for windows + 1 log intervals of `window` steps;
+  (steps, seconds) of every interval after the first, from its metrics.jsonl."""
+  from research import metrics, train
+
+  config = config.copy_and_resolve_references()
+  config.num_train_steps = window * (windows + 1)
+  config.log_every_steps = window
+  config.checkpoint_every_steps = config.num_train_steps
+  train.train_and_evaluate(config, str(workdir))
+  records = [r for r in metrics.read_jsonl(workdir / "metrics.jsonl") if r["split"] == "train"]
+  records.sort(key=lambda r: r["step"])
+  return [
+    (b["step"] - a["step"], b["time"] - a["time"])
+    for a, b in zip(records, records[1:], strict=False)
+  ]
+
+
+# --- Sections.
+
+
+def section_speed(families, smoke: bool, root: Path, windows: int) -> dict:
+  """(a) framework vs hand-written JAX, (b) vs PyTorch eager and compiled."""
+  from research import registry, torch_models
+
+  rows = {}
+  for family in families:
+    config, window = family_config(family, smoke)
+    dataset = registry.datasets.get(config.data.name)(config.data)
+    hand = HandLoop(config, dataset)
+    hand.run(3)  # compile
+    hand_windows = [(window, hand.run(window)) for _ in range(windows)]
+    framework = framework_windows(config, window, windows, root / f"speed_{family}")
+    hand_windows += [(window, hand.run(window)) for _ in range(windows)]
+    row = {
+      "shape": describe(config),
+      "window_steps": window,
+      "research_steps_per_sec": median_rate(framework),
+      "hand_jax_steps_per_sec": median_rate(hand_windows),
+    }
+    row["overhead_ratio"] = row["research_steps_per_sec"] / row["hand_jax_steps_per_sec"]
+    if torch_models.available():
+      for mode in ("eager", "compile"):
+        if mode == "compile" and smoke:
+          continue
+        trainer = torch_models.Trainer(family, config, hand.batches, compiled=mode == "compile")
+        trainer.run(3)
+        torch_windows = [(window, trainer.run(window)) for _ in range(windows)]
+        row[f"torch_{mode}_steps_per_sec"] = median_rate(torch_windows)
+        row[f"torch_{mode}_setup_sec"] = trainer.setup_sec
+      row["vs_torch_eager"] = row["research_steps_per_sec"] / row["torch_eager_steps_per_sec"]
+      if "torch_compile_steps_per_sec" in row:
+        row["vs_torch_compile"] = row["research_steps_per_sec"] / row["torch_compile_steps_per_sec"]
+    rows[family] = row
+    logging.info("speed %s: %s", family, row)
+  return rows
+
+
+def section_mfu(smoke: bool, root: Path, windows: int, speed: dict | None) -> dict:
+  """(c) MFU of the Transformer LM under research.train, peak measured alongside."""
+  from research import flops, registry
+
+  config, window = family_config("lm", smoke)
+  dataset = registry.datasets.get(config.data.name)(config.data)
+  peak_before = flops.measured_peak()
+  if speed and "lm" in speed:
+    rate = speed["lm"]["research_steps_per_sec"]
+  else:
+    rate = median_rate(framework_windows(config, window, windows, root / "mfu_lm"))
+  peak = max(peak_before, flops.measured_peak())
+  model = dict(config.model)
+  counts = flops.transformer_lm(
+    config.global_batch_size, config.data.seq_len, model["num_layers"], model["embed_dim"],
+    model.get("mlp_ratio", 4), dataset.model_kwargs["vocab_size"],
+  )  # fmt: skip
+  return {
+    "shape": describe(config),
+    "steps_per_sec": rate,
+    "tokens_per_sec": rate * config.global_batch_size * config.data.seq_len,
+    "peak_flops": peak,
+    "peak_source": "jitted fp32 2048x2048 matmul, best of 10, before and after",
+    "flops_per_step_6n": counts["six_n"],
+    "flops_per_step_with_attention": counts["with_attention"],
+    "mfu_6n": rate * counts["six_n"] / peak,
+    "mfu_with_attention": rate * counts["with_attention"] / peak,
+  }
+
+
+def section_input(families, smoke: bool, windows: int) -> dict:
+  """(d) loader throughput, and training time spent waiting for data."""
+  import jax
+
+  from research import experiment, parallel, train
+
+  rows = {}
+  for family in families:
+    config, window = family_config(family, smoke)
+    exp = experiment.build(config)
+    step = train.jit_train_step(exp)
+    state = experiment.fresh_state(exp)
+    loader = exp.dataset.train_loader(config.global_batch_size, config.seed)
+    fixed = parallel.global_batch(loader(0), exp.batch_sharding)
+    state, metrics = step(state, fixed)  # compile
+    jax.block_until_ready(metrics)
+    count = 0
+
+    def run(with_loader: bool) -> float:
+      nonlocal state, count
+      t0 = time.perf_counter()
+      for _ in range(window):
+        batch = parallel.global_batch(loader(count), exp.batch_sharding) if with_loader else fixed
+        state, metrics = step(state, batch)
+        count += 1
+      jax.block_until_ready(metrics)
+      return time.perf_counter() - t0
+
+    loaded, fed = [], []
+    for _ in range(windows):
+      loaded.append((window, run(True)))
+      fed.append((window, run(False)))
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < (0.2 if smoke else 2.0):
+      loader(10_000 + n)
+      n += 1
+    loader_rate = n * config.global_batch_size / (time.perf_counter() - t0)
+    with_loader, without = median_rate(loaded), median_rate(fed)
+    rows[family] = {
+      "shape": describe(config),
+      "pp_train": config.data.pp_train,
+      "loader_examples_per_sec": loader_rate,
+      "step_examples_per_sec": without * config.global_batch_size,
+      "train_examples_per_sec": with_loader * config.global_batch_size,
+      "wait_fraction": max(0.0, 1.0 - with_loader / without),
+    }
+    logging.info("input %s: %s", family, rows[family])
+  return rows
+
+
+def section_checkpoint(smoke: bool, root: Path, repeats: int = 3) -> dict:
+  """(e) loop blocking per asynchronous save, and restore time, by state size."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from research import checkpoint
+
+  rows = {}
+  for params in (10_000, 100_000) if smoke else (1_000_000, 10_000_000, 50_000_000):
+    directory = root / f"checkpoint_{params}"
+    ckpt = checkpoint.Checkpointer(directory, max_to_keep=2)
+    chunk = params // 4
+    leaves = {f"w{i}": jnp.full((chunk,), float(i), jnp.float32) for i in range(4)}
+    state = {"params": leaves, "mu": dict(leaves), "nu": dict(leaves)}
+    state = jax.tree.map(lambda x: x + 1.0, state)  # distinct device buffers
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    ckpt.save(0, state, {})  # first save: directory and thread set-up
+    ckpt.manager.wait_until_finished()
+    blocked, written = [], []
+    for i in range(1, repeats + 1):
+      t0 = time.perf_counter()
+      ckpt.save(i, state, {})
+      blocked.append(time.perf_counter() - t0)
+      ckpt.manager.wait_until_finished()
+      written.append(time.perf_counter() - t0)
+    abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    restores = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      restored = ckpt.restore(repeats, abstract)
+      jax.block_until_ready(restored)
+      restores.append(time.perf_counter() - t0)
+    assert np.array_equal(np.asarray(restored["nu"]["w3"]), np.asarray(state["nu"]["w3"]))
+    ckpt.close()
+    block = statistics.median(blocked)
+    rows[str(params)] = {
+      "parameters": params,
+      "state_bytes": nbytes,
+      "blocked_sec": block,
+      "save_total_sec": statistics.median(written),
+      "restore_sec": min(restores),
+      "restore_mb_per_sec": nbytes / 1e6 / min(restores),
+      "blocked_fraction_at_60s": block / 60.0,
+    }
+    logging.info("checkpoint %d: %s", params, rows[str(params)])
+  return rows
+
+
+STARTUP_RUNS = {  # family -> (config file, overrides)
+  "cnn": ("experiments/mnist_cnn.py", ["--config.schedule.warmup_steps=1"]),
+  "lm": ("experiments/shakespeare_char.py", ["--config.schedule.warmup_steps=1"]),
+  "mlp": ("experiments/mnist_mlp.py", []),
+}
+
+
+def section_startup(families, root: Path) -> dict:
+  """(f) first and second start of the same 2-step run in fresh processes, sharing a
+  new compilation cache directory."""
+  rows = {}
+  repo = Path(__file__).resolve().parent.parent
+  for family in families:
+    config_file, overrides = STARTUP_RUNS[family]
+    cache = root / f"cache_{family}"
+    runs = []
+    for attempt in ("cold", "warm"):
+      workdir = root / f"startup_{family}_{attempt}"
+      command = [
+        sys.executable, "-m", "research.train", f"--config={repo / config_file}",
+        f"--workdir={workdir}", "--config.num_train_steps=2", "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=2", *overrides,
+      ]  # fmt: skip
+      env = {**os.environ, "RESEARCH_COMPILATION_CACHE": str(cache)}
+      t0 = time.perf_counter()
+      done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=repo)
+      wall = time.perf_counter() - t0
+      if done.returncode:
+        raise RuntimeError(f"startup run failed: {' '.join(command)}\n{done.stderr[-2000:]}")
+      runs.append({"wall_sec": wall, **_timings(done.stderr)})
+    cold, warm = runs
+    rows[family] = {
+      "command": f"python -m research.train --config={config_file} (2 steps)",
+      "cold": cold,
+      "warm": warm,
+      "first_step_speedup": cold["first_step_sec"] / warm["first_step_sec"],
+      "compile_speedup": (cold["first_step_sec"] + cold["evaluator_sec"])
+      / (warm["first_step_sec"] + warm["evaluator_sec"]),
+      "process_speedup": cold["wall_sec"] / warm["wall_sec"],
+    }
+    logging.info("startup %s: %s", family, rows[family])
+  return rows
+
+
+def _timings(log: str) -> dict:
+  """The [TIMING] lines of a research.train log: first step and evaluation seconds."""
+  found = {"first_step_sec": float("nan"), "evaluator_sec": 0.0}
+  for line in log.splitlines():
+    if "[TIMING] first step" in line:
+      found["first_step_sec"] = float(line.rsplit(":", 1)[1].strip().rstrip("s"))
+    elif "[TIMING] evaluator" in line:
+      found["evaluator_sec"] += float(line.rsplit(":", 1)[1].strip().rstrip("s"))
+  return found
+
+
+# --- The run and its report.
+
+
+def machine() -> dict:
+  cpu = platform.processor()
+  with contextlib.suppress(OSError):
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  import jax
+
+  return {
+    "hostname": platform.node(),
+    "cpu": cpu,
+    "cpu_count": os.cpu_count(),
+    "platform": platform.platform(),
+    "jax_devices": [f"{d.platform}:{d.device_kind}" for d in jax.devices()],
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+
+
+def run(sections=SECTIONS, smoke: bool = False, out: str = "results/benchmarks",
+        families=("mlp", "cnn", "lm"), windows: int = 5) -> dict:  # fmt: skip
+  """Runs the sections; writes OUT.json and OUT.md; returns the results."""
+  from research import runtime, torch_models
+  from research.versions import versions
+
+  unknown = set(sections) - set(SECTIONS)
+  if unknown:
+    raise config_lib.ConfigError(f"--sections: unknown {sorted(unknown)}; valid: {SECTIONS}")
+  runtime.enable_compilation_cache()
+  windows = 2 if smoke else windows
+  results = {
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "command": " ".join(["python -m research.bench", *sys.argv[1:]]),
+    "smoke": smoke,
+    "machine": machine(),
+    "versions": {**versions(), **torch_models.versions()},
+    "goals": GOALS,
+  }
+  with tempfile.TemporaryDirectory(prefix="research_bench_") as tmp:
+    root = Path(tmp)
+    t0 = time.perf_counter()
+    if "speed" in sections:
+      results["speed"] = section_speed(families, smoke, root, windows)
+    if "mfu" in sections:
+      results["mfu"] = section_mfu(smoke, root, windows, results.get("speed"))
+    if "input" in sections:
+      results["input"] = section_input((*families[:2], "cnn_augment"), smoke, windows)
+    if "checkpoint" in sections:
+      results["checkpoint"] = section_checkpoint(smoke, root)
+    if "startup" in sections:
+      results["startup"] = section_startup(families[1:] if not smoke else ("mlp",), root)
+    results["bench_wall_sec"] = time.perf_counter() - t0
+  out = Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+  out.with_suffix(".md").write_text(report(results))
+  return results
+
+
+def report(results: dict) -> str:
+  """results -> markdown: one table per section, each with its goal."""
+  m = results["machine"]
+  v = results["versions"]
+  lines = [
+    "# Benchmarks" + (" (smoke: tiny sizes, numbers mean nothing)" if results["smoke"] else ""),
+    "",
+    f"`{results['command']}` on {results['date']}: {m['cpu']}, {m['cpu_count']} cores, "
+    f"devices {', '.join(m['jax_devices'])}; jax {v.get('jax')}, jaxlib {v.get('jaxlib')}, "
+    f"flax {v.get('flax')}, optax {v.get('optax')}, orbax {v.get('orbax-checkpoint')}, "
+    f"torch {v.get('torch', 'not installed')}; XLA_FLAGS `{m['xla_flags']}`. "
+    f"Whole run: {results['bench_wall_sec'] / 60:.1f} min.",
+    "",
+  ]
+  speed = results.get("speed")
+  if speed:
+    lines += [
+      "## Speed: research.train vs hand-written JAX vs PyTorch (steps/s, median window)",
+      "",
+      f"Goals: {GOALS['overhead']}; {GOALS['pytorch']}.",
+      "",
+      "| family | shape | research.train | hand JAX | ratio | torch eager | torch.compile "
+      "| vs eager | vs compile |",
+      "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for family, r in speed.items():
+      lines.append(
+        f"| {family} | {r['shape']} | {r['research_steps_per_sec']:.2f} "
+        f"| {r['hand_jax_steps_per_sec']:.2f} | **{r['overhead_ratio']:.3f}** "
+        f"| {_num(r.get('torch_eager_steps_per_sec'))} "
+        f"| {_num(r.get('torch_compile_steps_per_sec'))} "
+        f"| **{_num(r.get('vs_torch_eager'))}x** | {_num(r.get('vs_torch_compile'))}x |"
+      )
+    lines.append("")
+  mfu = results.get("mfu")
+  if mfu:
+    lines += [
+      "## MFU: Transformer LM under research.train",
+      "",
+      f"Goal: {GOALS['mfu']}. Peak: {mfu['peak_flops'] / 1e9:.0f} GFLOP/s ({mfu['peak_source']}).",
+      "",
+      "| shape | steps/s | tokens/s | FLOPs/step 6N | with attention | MFU 6N "
+      "| MFU with attention |",
+      "|---|---|---|---|---|---|---|",
+      f"| {mfu['shape']} | {mfu['steps_per_sec']:.3f} | {mfu['tokens_per_sec']:.0f} "
+      f"| {mfu['flops_per_step_6n'] / 1e9:.1f} G "
+      f"| {mfu['flops_per_step_with_attention'] / 1e9:.1f} G "
+      f"| {100 * mfu['mfu_6n']:.1f}% | **{100 * mfu['mfu_with_attention']:.1f}%** |",
+      "",
+    ]
+  data = results.get("input")
+  if data:
+    lines += [
+      "## Input pipeline",
+      "",
+      f"Goal: {GOALS['input']}. Waiting = 1 - (steps/s with the loader) / "
+      "(steps/s fed one batch already on the device).",
+      "",
+      "| family | pp_train | loader examples/s | step examples/s | trained examples/s | waiting |",
+      "|---|---|---|---|---|---|",
+    ]
+    for family, r in data.items():
+      lines.append(
+        f"| {family} | `{r['pp_train'] or '-'}` | {r['loader_examples_per_sec']:.0f} "
+        f"| {r['step_examples_per_sec']:.0f} | {r['train_examples_per_sec']:.0f} "
+        f"| **{100 * r['wait_fraction']:.2f}%** |"
+      )
+    lines.append("")
+  ckpt = results.get("checkpoint")
+  if ckpt:
+    lines += [
+      "## Checkpointing (Orbax, asynchronous; state = parameters + two Adam moments)",
+      "",
+      f"Goal: {GOALS['checkpoint']}.",
+      "",
+      "| parameters | state MB | loop blocked | save until written | share of 60 s "
+      "| restore | restore MB/s |",
+      "|---|---|---|---|---|---|---|",
+    ]
+    for r in ckpt.values():
+      lines.append(
+        f"| {r['parameters']:,} | {r['state_bytes'] / 1e6:.0f} | {1e3 * r['blocked_sec']:.0f} ms "
+        f"| {r['save_total_sec']:.2f} s | **{100 * r['blocked_fraction_at_60s']:.2f}%** "
+        f"| {r['restore_sec']:.2f} s | {r['restore_mb_per_sec']:.0f} |"
+      )
+    lines.append("")
+  startup = results.get("startup")
+  if startup:
+    lines += [
+      "## Start-up: compile, and the second start with the persistent compilation cache",
+      "",
+      f"Goal: {GOALS['startup']}. Compile = first train step + final evaluation "
+      "(both compile); process = the whole command (imports, data, compile, 2 steps, "
+      "evaluation, checkpoint).",
+      "",
+      "| run | first step cold / warm | compile cold / warm | speed-up | process cold / warm "
+      "| speed-up |",
+      "|---|---|---|---|---|---|",
+    ]
+    for r in startup.values():
+      cold, warm = r["cold"], r["warm"]
+      lines.append(
+        f"| `{r['command']}` | {cold['first_step_sec']:.2f} / {warm['first_step_sec']:.2f} s "
+        f"| {cold['first_step_sec'] + cold['evaluator_sec']:.2f} / "
+        f"{warm['first_step_sec'] + warm['evaluator_sec']:.2f} s | **{r['compile_speedup']:.1f}x** "
+        f"| {cold['wall_sec']:.1f} / {warm['wall_sec']:.1f} s | {r['process_speedup']:.2f}x |"
+      )
+    lines.append("")
+  return "\n".join(lines)
+
+
+def _num(value, fmt: str = ".2f") -> str:
+  return "-" if value is None else format(value, fmt)
+
+
+def define_flags():
+  flags.DEFINE_list("sections", list(SECTIONS), f"Which of {', '.join(SECTIONS)}.")
+  flags.DEFINE_bool("smoke", False, "Tiny sizes and few steps: checks the benchmark runs.")
+  flags.DEFINE_string("out", "results/benchmarks", "Output path without suffix (.md, .json).")
+  flags.DEFINE_integer("windows", 5, "Timing windows per measurement (median reported).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  values = flags.FLAGS
+  try:
+    results = run(tuple(values.sections), values.smoke, values.out, windows=values.windows)
+  except config_lib.ConfigError as e:
+    return config_lib.usage_error(str(e))
+  print(report(results))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

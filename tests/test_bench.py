@@ -1,0 +1,135 @@
+"""research.bench in smoke mode (every section, tiny sizes), and the speed features it
+measures: FLOP counts and MFU in the train log, the XLA defaults, the compilation
+cache, the reshape max-pool, the PyTorch twins. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from research import bench, flops, metrics, runtime
+from research.models import layers
+
+
+def test_smoke_run_writes_every_section(tmp_path, tfds_data_dir, mnist_raw_dir, monkeypatch):
+  monkeypatch.setenv("TFDS_DATA_DIR", tfds_data_dir)
+  results = bench.run(smoke=True, out=str(tmp_path / "benchmarks"))
+  saved = json.loads((tmp_path / "benchmarks.json").read_text())
+  assert saved["smoke"] and set(bench.SECTIONS) <= set(saved)
+  assert saved["versions"]["jax"] == jax.__version__
+  for family in ("mlp", "cnn", "lm"):
+    row = results["speed"][family]
+    assert row["research_steps_per_sec"] > 0 and row["hand_jax_steps_per_sec"] > 0
+    assert row["overhead_ratio"] == pytest.approx(
+      row["research_steps_per_sec"] / row["hand_jax_steps_per_sec"]
+    )
+  assert 0 < results["mfu"]["mfu_6n"] < results["mfu"]["mfu_with_attention"] < 1
+  for row in results["input"].values():
+    assert 0 <= row["wait_fraction"] < 1 and row["loader_examples_per_sec"] > 0
+  for row in results["checkpoint"].values():
+    assert 0 < row["blocked_sec"] <= row["save_total_sec"] and row["restore_sec"] > 0
+  startup = results["startup"]["mlp"]
+  assert startup["cold"]["first_step_sec"] > 0 and startup["warm"]["first_step_sec"] > 0
+  report = (tmp_path / "benchmarks.md").read_text()
+  for heading in ("## Speed", "## MFU", "## Input pipeline", "## Checkpointing", "## Start-up"):
+    assert heading in report
+
+
+def test_unknown_section_is_one_clear_error(tmp_path):
+  with pytest.raises(Exception, match="unknown.*'speeed'.*valid"):
+    bench.run(("speeed",), smoke=True, out=str(tmp_path / "b"))
+
+
+def test_progress_reports_tokens_flops_and_mfu():
+  progress = metrics.Progress(0, 100, 8, tokens_per_step=8 * 64, flops_per_device_step=2e12,
+                              peak_per_device=8e12)  # fmt: skip
+  speed = progress.report(0)
+  assert set(speed) >= {"tokens_per_sec", "tflops_per_device", "mfu"}
+  assert speed["mfu"] == pytest.approx(speed["tflops_per_device"] * 1e12 / 8e12)
+  assert speed["tokens_per_sec"] == pytest.approx(speed["steps_per_sec"] * 512)
+
+
+def test_compiled_flops_is_xlas_count():
+  matmul = jax.jit(lambda a, b: a @ b)
+  compiled = matmul.lower(jnp.ones((64, 32)), jnp.ones((32, 16))).compile()
+  assert flops.compiled_flops(compiled) == pytest.approx(2 * 64 * 32 * 16, rel=0.01)
+
+
+def test_train_logs_mfu_and_tokens(tmp_path, tfds_data_dir):
+  from research import train
+  from research.metrics import read_jsonl
+
+  config, _ = bench.family_config("lm", smoke=True)
+  config.data.data_dir = tfds_data_dir
+  config.num_train_steps, config.log_every_steps = 4, 2
+  train.train_and_evaluate(config, str(tmp_path))
+  logged = [r["metrics"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "train"]
+  assert logged and all({"tokens_per_sec", "tflops_per_device", "mfu"} <= set(m) for m in logged)
+  assert all(0 < m["mfu"] < 1 for m in logged)
+  assert logged[-1]["tokens_per_sec"] == pytest.approx(logged[-1]["examples_per_sec"] * 16)
+
+
+def test_xla_defaults_are_added_once_and_yield_to_the_user(monkeypatch):
+  if not runtime.xla_defaults_apply():
+    pytest.skip("this jaxlib is outside the versions the flags were tested with")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  runtime.apply_xla_defaults()
+  runtime.apply_xla_defaults()
+  flags = os.environ["XLA_FLAGS"]
+  assert flags.count("ynn_fusion_type") == 1 and "device_count=2" in flags
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
+  runtime.apply_xla_defaults()
+  assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv("RESEARCH_XLA_DEFAULTS", "0")
+  runtime.apply_xla_defaults()
+  assert os.environ["XLA_FLAGS"] == ""
+
+
+def test_compilation_cache_writes_programs_to_its_directory(tmp_path):
+  code = (
+    "import research, jax, jax.numpy as jnp; from research import runtime;"
+    f"runtime.enable_compilation_cache({str(tmp_path)!r});"
+    "jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(7)).block_until_ready()"
+  )
+  subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+  assert any(tmp_path.iterdir())
+  env = {**os.environ, "RESEARCH_COMPILATION_CACHE": "off"}
+  code = "from research import runtime; print(runtime.compilation_cache_dir())"
+  printed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+  assert printed.stdout.strip() == "None"
+
+
+def test_reshape_max_pool_matches_flax():
+  x = jax.random.normal(jax.random.key(0), (4, 9, 8, 3))  # odd height: last row dropped
+  np.testing.assert_array_equal(layers.max_pool_2x2(x), nn.max_pool(x, (2, 2), (2, 2)))
+  grad = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) ** 2))(x)  # no ties in normal draws
+  np.testing.assert_allclose(
+    grad(layers.max_pool_2x2), grad(lambda x: nn.max_pool(x, (2, 2), (2, 2))), rtol=1e-6
+  )
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn", "lm"])
+def test_torch_twins_have_the_same_parameter_count_and_train(family, tfds_data_dir, monkeypatch):
+  pytest.importorskip("torch")
+  from research import registry, torch_models
+
+  monkeypatch.setenv("TFDS_DATA_DIR", tfds_data_dir)
+  config, _ = bench.family_config(family, smoke=True)
+  dataset = registry.datasets.get(config.data.name)(config.data)
+  hand = bench.HandLoop(config, dataset, num_batches=2)
+  trainer = torch_models.Trainer(family, config, hand.batches)
+  assert trainer.run(2) > 0
+  flax_count = sum(x.size for x in jax.tree.leaves(hand.params))
+  torch_count = sum(p.numel() for p in trainer.model.parameters())
+  assert torch_count == flax_count
+  assert math.isfinite(hand.run(2))
