@@ -20,6 +20,10 @@ at most, on the same data: this machine is shared and noisy):
   time, by state size.
 - startup: compile time and the second start of the same run with the
   persistent compilation cache (research.runtime), in fresh processes.
+- xla_flags: the train step under XLA's own CPU kernels and under YNNPACK's
+  (the default research.runtime sets), each in a fresh process.
+- profile: where a train step's time goes (JAX's profiler, per XLA operation,
+  grouped by the model code it came from).
 
 Timing windows alternate between the things compared; the median window is reported.
 """
@@ -42,7 +46,7 @@ from absl import app, flags, logging
 
 from research import config as config_lib
 
-SECTIONS = ("speed", "mfu", "input", "checkpoint", "startup")
+SECTIONS = ("xla_flags", "speed", "mfu", "input", "checkpoint", "startup", "profile")
 GOALS = {
   "overhead": "research.train / hand-written JAX >= 0.98",
   "pytorch": "research.train / PyTorch eager >= 1.0 on each family",
@@ -415,6 +419,129 @@ def _timings(log: str) -> dict:
   return found
 
 
+XLA_SETTINGS = {  # name -> environment of the process that times the step
+  "XLA's kernels": {"RESEARCH_XLA_DEFAULTS": "0"},
+  "YNNPACK dot": {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"},
+  "YNNPACK dot+eltwise+reduce": {
+    "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"
+  },
+}
+
+
+def step_time(family: str, smoke: bool, windows: int) -> float:
+  """Median seconds per train step of the framework's jitted step on a batch already on
+  the device (this process's XLA flags)."""
+  import jax
+
+  from research import experiment, parallel, train
+
+  config, window = family_config(family, smoke)
+  exp = experiment.build(config)
+  step = train.jit_train_step(exp)
+  state = experiment.fresh_state(exp)
+  loader = exp.dataset.train_loader(config.global_batch_size, config.seed)
+  batch = parallel.global_batch(loader(0), exp.batch_sharding)
+  times = []
+  for i in range(windows + 1):
+    t0 = time.perf_counter()
+    for _ in range(window):
+      state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    if i:  # the first window compiles
+      times.append((time.perf_counter() - t0) / window)
+  return statistics.median(times)
+
+
+def section_xla_flags(families, smoke: bool, windows: int, rounds: int = 2) -> dict:
+  """The train step under each XLA CPU setting, each in a fresh process (XLA reads its
+  flags once), the settings alternating over `rounds`; best round reported."""
+  rows = {}
+  repo = Path(__file__).resolve().parent.parent
+  for family in families:
+    times = {name: [] for name in XLA_SETTINGS}
+    for _ in range(rounds):
+      for name, settings in XLA_SETTINGS.items():
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env.update(settings)
+        code = (
+          f"from research import bench; print(bench.step_time({family!r}, {smoke!r}, {windows!r}))"
+        )
+        done = subprocess.run(
+          [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=repo
+        )
+        if done.returncode:
+          raise RuntimeError(f"step timing failed ({name}): {done.stderr[-2000:]}")
+        times[name].append(float(done.stdout.strip().splitlines()[-1]))
+    rows[family] = {name: min(values) for name, values in times.items()}
+    logging.info("xla flags %s: %s", family, rows[family])
+  return rows
+
+
+def section_profile(families, smoke: bool) -> dict:
+  """Where a train step's time goes: JAX's profiler over a few steps, CPU time per
+  XLA operation (summed over threads), with the model code each came from."""
+  import collections
+  import glob
+  import re
+
+  import jax
+
+  from research import experiment, parallel, train
+
+  rows = {}
+  for family in families:
+    config, _ = family_config(family, smoke)
+    exp = experiment.build(config)
+    step = train.jit_train_step(exp)
+    state = experiment.fresh_state(exp)
+    loader = exp.dataset.train_loader(config.global_batch_size, config.seed)
+    batch = parallel.global_batch(loader(0), exp.batch_sharding)
+    compiled = step.lower(state, batch).compile()
+    sources = {}
+    for line in compiled.as_text().splitlines():
+      found = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*op_name=\"([^\"]+)\"", line)
+      if found:
+        sources[found.group(1)] = found.group(2).replace("jit(train_step)/", "")
+    for _ in range(2):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    steps = 3
+    with tempfile.TemporaryDirectory() as trace_dir:
+      jax.profiler.start_trace(trace_dir)
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
+      wall = (time.perf_counter() - t0) / steps
+      jax.profiler.stop_trace()
+      path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
+      profile = jax.profiler.ProfileData.from_file(path)
+    per_op = collections.Counter()
+    for plane in profile.planes:
+      for line in plane.lines:
+        if "Eigen" not in line.name:  # XLA's compute threads
+          continue
+        for event in line.events:
+          if event.name in sources or not re.search(r"Thunk|ThreadPool|Await", event.name):
+            per_op[event.name] += event.duration_ns / 1e6 / steps
+    total = sum(per_op.values())
+    grouped = collections.Counter()  # layers alike: block_3 -> block_*, fusion.12 -> fusion
+    for name, ms in per_op.items():
+      source = re.sub(r"block_\d+", "block_*", sources.get(name, ""))
+      grouped[(re.sub(r"\.\d+$", "", name), source)] += ms
+    rows[family] = {
+      "shape": describe(config),
+      "step_ms": 1e3 * wall,
+      "op_cpu_ms": total,
+      "top": [
+        {"op": op, "source": source, "cpu_ms": ms, "share": ms / total}
+        for (op, source), ms in grouped.most_common(10)
+      ],
+    }
+    logging.info("profile %s: %s", family, rows[family])
+  return rows
+
+
 # --- The run and its report.
 
 
@@ -459,6 +586,9 @@ def run(sections=SECTIONS, smoke: bool = False, out: str = "results/benchmarks",
   with tempfile.TemporaryDirectory(prefix="research_bench_") as tmp:
     root = Path(tmp)
     t0 = time.perf_counter()
+    if "xla_flags" in sections:
+      chosen = ("mlp",) if smoke else families
+      results["xla_flags"] = section_xla_flags(chosen, smoke, windows, rounds=1 if smoke else 2)
     if "speed" in sections:
       results["speed"] = section_speed(families, smoke, root, windows)
     if "mfu" in sections:
@@ -469,6 +599,8 @@ def run(sections=SECTIONS, smoke: bool = False, out: str = "results/benchmarks",
       results["checkpoint"] = section_checkpoint(smoke, root)
     if "startup" in sections:
       results["startup"] = section_startup(families[1:] if not smoke else ("mlp",), root)
+    if "profile" in sections:
+      results["profile"] = section_profile(families[1:], smoke)
     results["bench_wall_sec"] = time.perf_counter() - t0
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -491,6 +623,22 @@ def report(results: dict) -> str:
     f"Whole run: {results['bench_wall_sec'] / 60:.1f} min.",
     "",
   ]
+  settings = results.get("xla_flags")
+  if settings:
+    names = list(XLA_SETTINGS)
+    lines += [
+      "## XLA CPU kernels: milliseconds per train step (fresh process each, best of 2)",
+      "",
+      "research.runtime sets the default; `RESEARCH_XLA_DEFAULTS=0` gives XLA's own kernels.",
+      "",
+      "| family | " + " | ".join(names) + " |",
+      "|---|" + "---|" * len(names),
+    ]
+    for family, r in settings.items():
+      best = min(r.values())
+      cells = [f"**{1e3 * r[n]:.1f}**" if r[n] == best else f"{1e3 * r[n]:.1f}" for n in names]
+      lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    lines.append("")
   speed = results.get("speed")
   if speed:
     lines += [
@@ -585,6 +733,28 @@ def report(results: dict) -> str:
         f"| {cold['wall_sec']:.1f} / {warm['wall_sec']:.1f} s | {r['process_speedup']:.2f}x |"
       )
     lines.append("")
+  profile = results.get("profile")
+  if profile:
+    lines += [
+      "## Where the time goes: JAX profiler, CPU time per XLA operation in one train step",
+      "",
+      "Summed over XLA's compute threads (so up to cores x the step's wall time).",
+      "",
+    ]
+    for family, r in profile.items():
+      lines += [
+        f"**{family}**: {r['shape']}; step {r['step_ms']:.0f} ms wall, "
+        f"{r['op_cpu_ms']:.0f} ms CPU in operations.",
+        "",
+        "| operation | from | CPU ms | share |",
+        "|---|---|---|---|",
+      ]
+      for op in r["top"]:
+        lines.append(
+          f"| `{op['op']}` | `{op['source'][:70]}` | {op['cpu_ms']:.1f} "
+          f"| {100 * op['share']:.1f}% |"
+        )
+      lines.append("")
   return "\n".join(lines)
 
 

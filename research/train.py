@@ -120,7 +120,8 @@ def jit_train_step(exp):
 
 def speed_meter(exp, compiled, first_step: int):
   """metrics.Progress with tokens per step and model FLOPs per device (research.flops:
-  the formula where one is known, else XLA's count of the compiled step)."""
+  the formula where one is known, else XLA's count of the compiled first step; with
+  length-bucketed batches, that of the first step's bucket)."""
   import jax
 
   from research import flops
@@ -192,16 +193,16 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   try:
     for step in range(start_step, total_steps):
       batch = parallel.global_batch(train_loader(step), exp.batch_sharding)
-      if step == start_step:  # compiled ahead of time: XLA's FLOP count for MFU, one compile
-        train_step = train_step.lower(state, batch).compile()
-      state, step_metrics = train_step(state, batch)
+      if step == start_step:  # XLA's FLOP count for MFU; the call below reuses this compile
+        first_compiled = train_step.lower(state, batch).compile()
+      state, step_metrics = train_step(state, batch)  # a new shape (length buckets) retraces
       ckpt.check()  # a failed background save stops the run here, not at the next save
       pending.append(step_metrics)
       done = step + 1
       if step == start_step:
         jax.block_until_ready(step_metrics)
         logging.info("[TIMING] first step (compile + run): %.1fs", time.perf_counter() - t_loop)
-        progress = speed_meter(exp, train_step, done)
+        progress = speed_meter(exp, first_compiled, done)
       log_now = done % config.log_every_steps == 0 or done == total_steps
       save_now = done % config.checkpoint_every_steps == 0 or done == total_steps
       if log_now or save_now:
