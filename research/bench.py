@@ -196,55 +196,80 @@ def framework_windows(config, window: int, windows: int, workdir: Path) -> list[
 # --- Sections.
 
 
-def section_speed(families, smoke: bool, root: Path, windows: int) -> dict:
-  """(a) framework vs hand-written JAX, (b) vs PyTorch eager and compiled."""
-  from research import registry, torch_models
+def speed_row(family: str, smoke: bool, windows: int) -> dict:
+  """(a) and (b) for one family, in this process (research.bench runs it in a fresh one
+  with the XLA flags research.train would give the model)."""
+  from research import flops, registry, torch_models
+
+  config, window = family_config(family, smoke)
+  dataset = registry.datasets.get(config.data.name)(config.data)
+  peak = flops.measured_peak() if family == "lm" else None
+  hand = HandLoop(config, dataset)
+  hand.run(3)  # compile
+  hand_windows = [(window, hand.run(window)) for _ in range(windows)]
+  with tempfile.TemporaryDirectory(prefix="research_bench_") as workdir:
+    framework = framework_windows(config, window, windows, Path(workdir))
+  hand_windows += [(window, hand.run(window)) for _ in range(windows)]
+  row = {
+    "shape": describe(config),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "window_steps": window,
+    "research_steps_per_sec": median_rate(framework),
+    "hand_jax_steps_per_sec": median_rate(hand_windows),
+  }
+  row["overhead_ratio"] = row["research_steps_per_sec"] / row["hand_jax_steps_per_sec"]
+  if peak:
+    row["peak_flops"] = max(peak, flops.measured_peak())
+  if torch_models.available():
+    for mode in ("eager", "compile"):
+      if mode == "compile" and smoke:
+        continue
+      trainer = torch_models.Trainer(family, config, hand.batches, compiled=mode == "compile")
+      trainer.run(3)
+      torch_windows = [(window, trainer.run(window)) for _ in range(windows)]
+      row[f"torch_{mode}_steps_per_sec"] = median_rate(torch_windows)
+      row[f"torch_{mode}_setup_sec"] = trainer.setup_sec
+    row["vs_torch_eager"] = row["research_steps_per_sec"] / row["torch_eager_steps_per_sec"]
+    if "torch_compile_steps_per_sec" in row:
+      row["vs_torch_compile"] = row["research_steps_per_sec"] / row["torch_compile_steps_per_sec"]
+  return row
+
+
+def in_fresh_process(call: str, env: dict) -> dict:
+  """Runs `bench.<call>` in a new Python process; its result, printed as JSON."""
+  repo = Path(__file__).resolve().parent.parent
+  code = f"import json; from research import bench; print(json.dumps(bench.{call}))"
+  done = subprocess.run(
+    [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=repo
+  )
+  if done.returncode:
+    raise RuntimeError(f"bench.{call} failed:\n{done.stderr[-3000:]}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def section_speed(families, smoke: bool, windows: int) -> dict:
+  """(a) framework vs hand-written JAX, (b) vs PyTorch eager and compiled; each family in
+  a fresh process with the XLA flags research.train gives its model."""
+  from research import runtime
 
   rows = {}
   for family in families:
-    config, window = family_config(family, smoke)
-    dataset = registry.datasets.get(config.data.name)(config.data)
-    hand = HandLoop(config, dataset)
-    hand.run(3)  # compile
-    hand_windows = [(window, hand.run(window)) for _ in range(windows)]
-    framework = framework_windows(config, window, windows, root / f"speed_{family}")
-    hand_windows += [(window, hand.run(window)) for _ in range(windows)]
-    row = {
-      "shape": describe(config),
-      "window_steps": window,
-      "research_steps_per_sec": median_rate(framework),
-      "hand_jax_steps_per_sec": median_rate(hand_windows),
-    }
-    row["overhead_ratio"] = row["research_steps_per_sec"] / row["hand_jax_steps_per_sec"]
-    if torch_models.available():
-      for mode in ("eager", "compile"):
-        if mode == "compile" and smoke:
-          continue
-        trainer = torch_models.Trainer(family, config, hand.batches, compiled=mode == "compile")
-        trainer.run(3)
-        torch_windows = [(window, trainer.run(window)) for _ in range(windows)]
-        row[f"torch_{mode}_steps_per_sec"] = median_rate(torch_windows)
-        row[f"torch_{mode}_setup_sec"] = trainer.setup_sec
-      row["vs_torch_eager"] = row["research_steps_per_sec"] / row["torch_eager_steps_per_sec"]
-      if "torch_compile_steps_per_sec" in row:
-        row["vs_torch_compile"] = row["research_steps_per_sec"] / row["torch_compile_steps_per_sec"]
-    rows[family] = row
-    logging.info("speed %s: %s", family, row)
+    model = family_config(family, smoke)[0].model.name
+    env = dict(os.environ, XLA_FLAGS=runtime.xla_flags_for(model, os.environ.get("XLA_FLAGS", "")))
+    rows[family] = in_fresh_process(f"speed_row({family!r}, {smoke!r}, {windows!r})", env)
+    logging.info("speed %s: %s", family, rows[family])
   return rows
 
 
-def section_mfu(smoke: bool, root: Path, windows: int, speed: dict | None) -> dict:
-  """(c) MFU of the Transformer LM under research.train, peak measured alongside."""
+def section_mfu(smoke: bool, windows: int, speed: dict | None) -> dict:
+  """(c) MFU of the Transformer LM under research.train (the speed section's run, or a
+  new one), over the matmul peak measured in the same process before and after."""
   from research import flops, registry
 
-  config, window = family_config("lm", smoke)
+  config, _ = family_config("lm", smoke)
+  row = (speed or {}).get("lm") or section_speed(("lm",), smoke, windows)["lm"]
   dataset = registry.datasets.get(config.data.name)(config.data)
-  peak_before = flops.measured_peak()
-  if speed and "lm" in speed:
-    rate = speed["lm"]["research_steps_per_sec"]
-  else:
-    rate = median_rate(framework_windows(config, window, windows, root / "mfu_lm"))
-  peak = max(peak_before, flops.measured_peak())
+  rate, peak = row["research_steps_per_sec"], row["peak_flops"]
   model = dict(config.model)
   counts = flops.transformer_lm(
     config.global_batch_size, config.data.seq_len, model["num_layers"], model["embed_dim"],
@@ -252,10 +277,11 @@ def section_mfu(smoke: bool, root: Path, windows: int, speed: dict | None) -> di
   )  # fmt: skip
   return {
     "shape": describe(config),
+    "xla_flags": row["xla_flags"],
     "steps_per_sec": rate,
     "tokens_per_sec": rate * config.global_batch_size * config.data.seq_len,
     "peak_flops": peak,
-    "peak_source": "jitted fp32 2048x2048 matmul, best of 10, before and after",
+    "peak_source": "jitted fp32 2048x2048 matmul in the same process, best of 10, before and after",
     "flops_per_step_6n": counts["six_n"],
     "flops_per_step_with_attention": counts["with_attention"],
     "mfu_6n": rate * counts["six_n"] / peak,
@@ -590,9 +616,9 @@ def run(sections=SECTIONS, smoke: bool = False, out: str = "results/benchmarks",
       chosen = ("mlp",) if smoke else families
       results["xla_flags"] = section_xla_flags(chosen, smoke, windows, rounds=1 if smoke else 2)
     if "speed" in sections:
-      results["speed"] = section_speed(families, smoke, root, windows)
+      results["speed"] = section_speed(families, smoke, windows)
     if "mfu" in sections:
-      results["mfu"] = section_mfu(smoke, root, windows, results.get("speed"))
+      results["mfu"] = section_mfu(smoke, windows, results.get("speed"))
     if "input" in sections:
       results["input"] = section_input((*families[:2], "cnn_augment"), smoke, windows)
     if "checkpoint" in sections:
@@ -629,7 +655,7 @@ def report(results: dict) -> str:
     lines += [
       "## XLA CPU kernels: milliseconds per train step (fresh process each, best of 2)",
       "",
-      "research.runtime sets the default; `RESEARCH_XLA_DEFAULTS=0` gives XLA's own kernels.",
+      "research.train's defaults by model: `research.runtime.MODEL_CPU_FLAGS`.",
       "",
       "| family | " + " | ".join(names) + " |",
       "|---|" + "---|" * len(names),
@@ -646,13 +672,14 @@ def report(results: dict) -> str:
       "",
       f"Goals: {GOALS['overhead']}; {GOALS['pytorch']}.",
       "",
-      "| family | shape | research.train | hand JAX | ratio | torch eager | torch.compile "
-      "| vs eager | vs compile |",
-      "|---|---|---|---|---|---|---|---|---|",
+      "| family | shape | XLA flags | research.train | hand JAX | ratio | torch eager "
+      "| torch.compile | vs eager | vs compile |",
+      "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for family, r in speed.items():
       lines.append(
-        f"| {family} | {r['shape']} | {r['research_steps_per_sec']:.2f} "
+        f"| {family} | {r['shape']} | `{r['xla_flags'] or '-'}` "
+        f"| {r['research_steps_per_sec']:.2f} "
         f"| {r['hand_jax_steps_per_sec']:.2f} | **{r['overhead_ratio']:.3f}** "
         f"| {_num(r.get('torch_eager_steps_per_sec'))} "
         f"| {_num(r.get('torch_compile_steps_per_sec'))} "

@@ -1,13 +1,15 @@
 """Process-wide JAX settings the framework applies by default (each can be turned off).
 
-1. XLA CPU flags (`apply_xla_defaults`, run when `research` is imported, before
-   any backend starts): YNNPACK kernels for dot, convolution, elementwise and
-   reduction fusions. Measured by `python -m research.bench` on a 2-core CPU:
-   the Keras MNIST CNN's train step is ~1.5x faster (XLA's own CPU convolution
-   reaches ~50 GFLOP/s where YNNPACK's reaches ~200), results equal to float32
-   rounding (~1e-7 relative). Only for jaxlib versions where the flag was tested
-   (an unknown XLA flag aborts the process). Off with RESEARCH_XLA_DEFAULTS=0;
-   a flag the user sets in XLA_FLAGS wins.
+1. XLA CPU flags by model (`apply_xla_defaults`, called by research.train before
+   any JAX backend starts): YNNPACK kernels for dot products where they were
+   measured faster. `python -m research.bench` (its XLA table) on a 2-core CPU:
+   the Transformer LM's train step 850 -> 681 ms with YNNPACK dots, while the
+   MLP (4.7 -> 5.3 ms) and the CNN (112 -> 122 ms) are faster without, and
+   YNNPACK's elementwise and reduction fusions slow all three. Results equal to
+   float32 rounding, but the rounding depends on the per-device batch (data
+   parallel no longer matches one device to ~1e-7). Only for jaxlib versions
+   where the flag was tested (an unknown XLA flag aborts the process). Off with
+   RESEARCH_XLA_DEFAULTS=0; a flag the user sets in XLA_FLAGS wins.
 2. JAX's persistent compilation cache (`enable_compilation_cache`, called by
    the entry points): compiled programs are kept on disk, so the second start
    of a run (a resume, a sweep's next point, an evaluation) skips compilation.
@@ -21,8 +23,10 @@ import importlib.metadata
 import os
 from pathlib import Path
 
-CPU_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "dot,eltwise,reduce"}
-TESTED_JAXLIB = ((0, 10, 2), (0, 13, 0))  # [first, last) versions known to parse CPU_FLAGS
+MODEL_CPU_FLAGS = {  # model name -> XLA CPU flags measured faster for it
+  "transformer_lm": {"xla_cpu_experimental_ynn_fusion_type": "dot"},
+}
+TESTED_JAXLIB = ((0, 10, 2), (0, 13, 0))  # [first, last) versions known to parse the flags
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -43,14 +47,18 @@ def xla_defaults_apply() -> bool:
   return TESTED_JAXLIB[0] <= version < TESTED_JAXLIB[1]
 
 
-def apply_xla_defaults() -> None:
-  """Appends CPU_FLAGS to $XLA_FLAGS (those the user has not set). Cheap: imports no JAX."""
-  if not xla_defaults_apply():
-    return
-  current = os.environ.get("XLA_FLAGS", "")
-  added = [f"--{name}={value}" for name, value in CPU_FLAGS.items() if f"--{name}" not in current]
-  if added:
-    os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+def xla_flags_for(model_name: str, current: str = "") -> str:
+  """$XLA_FLAGS for a model: `current` plus the model's defaults the user has not set."""
+  flags = MODEL_CPU_FLAGS.get(model_name, {}) if xla_defaults_apply() else {}
+  added = [f"--{name}={value}" for name, value in flags.items() if f"--{name}" not in current]
+  return " ".join([current, *added]).strip()
+
+
+def apply_xla_defaults(model_name: str) -> None:
+  """Sets $XLA_FLAGS for `model_name` (before any JAX backend starts). Imports no JAX."""
+  flags = xla_flags_for(model_name, os.environ.get("XLA_FLAGS", ""))
+  if flags:
+    os.environ["XLA_FLAGS"] = flags
 
 
 def compilation_cache_dir() -> Path | None:

@@ -289,8 +289,9 @@ def main(argv):
   if _CONFIG.value is None or _WORKDIR.value is None:
     return _usage_error("--config and --workdir are required")
   try:
-    from research import parallel
+    from research import parallel, runtime
 
+    runtime.apply_xla_defaults(_CONFIG.value.model.get("name", ""))  # before JAX starts
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     train_and_evaluate(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)
   except USAGE_ERRORS + (_data_error(),) as e:
