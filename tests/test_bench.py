@@ -22,6 +22,7 @@ from research.models import layers
 
 def test_smoke_run_writes_every_section(tmp_path, tfds_data_dir, mnist_raw_dir, monkeypatch):
   monkeypatch.setenv("TFDS_DATA_DIR", tfds_data_dir)
+  (tmp_path / "benchmarks.md").write_text("old tables\n\n## Discussion\n\nhand-written\n")
   results = bench.run(smoke=True, out=str(tmp_path / "benchmarks"))
   saved = json.loads((tmp_path / "benchmarks.json").read_text())
   assert saved["smoke"] and set(bench.SECTIONS) <= set(saved)
@@ -42,6 +43,7 @@ def test_smoke_run_writes_every_section(tmp_path, tfds_data_dir, mnist_raw_dir, 
   report = (tmp_path / "benchmarks.md").read_text()
   for heading in ("## Speed", "## MFU", "## Input pipeline", "## Checkpointing", "## Start-up"):
     assert heading in report
+  assert "old tables" not in report and report.endswith("## Discussion\n\nhand-written\n")
 
 
 def test_unknown_section_is_one_clear_error(tmp_path):
