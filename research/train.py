@@ -194,7 +194,14 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     for step in range(start_step, total_steps):
       batch = parallel.global_batch(train_loader(step), exp.batch_sharding)
       if step == start_step:  # XLA's FLOP count for MFU; the call below reuses this compile
-        first_compiled = train_step.lower(state, batch).compile()
+        t_lower = time.perf_counter()
+        lowered = train_step.lower(state, batch)
+        t_compile = time.perf_counter()
+        first_compiled = lowered.compile()  # from the persistent cache on a second start
+        logging.info(
+          "[TIMING] first step: trace + lower %.2fs, compile %.2fs",
+          t_compile - t_lower, time.perf_counter() - t_compile,
+        )  # fmt: skip
       state, step_metrics = train_step(state, batch)  # a new shape (length buckets) retraces
       ckpt.check()  # a failed background save stops the run here, not at the next save
       pending.append(step_metrics)
