@@ -20,8 +20,9 @@ at most, on the same data: this machine is shared and noisy):
   time, by state size.
 - startup: compile time and the second start of the same run with the
   persistent compilation cache (research.runtime), in fresh processes.
-- xla_flags: the train step under XLA's own CPU kernels and under YNNPACK's
-  (the default research.runtime sets), each in a fresh process.
+- xla_flags: the train step under XLA's default CPU kernels and with YNNPACK's
+  fusions (what research.runtime.MODEL_CPU_FLAGS chooses from), each in a
+  fresh process.
 - profile: where a train step's time goes (JAX's profiler, per XLA operation,
   grouped by the model code it came from).
 
@@ -31,6 +32,7 @@ Timing windows alternate between the things compared; the median window is repor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -41,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from absl import app, flags, logging
 
@@ -194,6 +197,39 @@ def framework_windows(config, window: int, windows: int, workdir: Path) -> list[
   ]
 
 
+@dataclasses.dataclass
+class FrameworkStep:
+  """research.train's jitted step for a family, its fresh state, loader and first batch
+  (already on the device)."""
+
+  config: Any
+  window: int
+  exp: Any
+  step: Any
+  state: Any
+  loader: Any
+  batch: Any
+
+  @classmethod
+  def build(cls, family: str, smoke: bool) -> FrameworkStep:
+    from research import experiment, parallel, train
+
+    config, window = family_config(family, smoke)
+    exp = experiment.build(config)
+    loader = exp.dataset.train_loader(config.global_batch_size, config.seed)
+    batch = parallel.global_batch(loader(0), exp.batch_sharding)
+    state = experiment.fresh_state(exp)
+    return cls(config, window, exp, train.jit_train_step(exp), state, loader, batch)
+
+
+def train_env(family: str, smoke: bool) -> dict:
+  """This process's environment with the XLA flags research.train gives the family's model."""
+  from research import runtime
+
+  model = family_config(family, smoke)[0].model.name
+  return dict(os.environ, XLA_FLAGS=runtime.xla_flags_for(model, os.environ.get("XLA_FLAGS", "")))
+
+
 # --- Sections.
 
 
@@ -251,13 +287,10 @@ def in_fresh_process(call: str, env: dict) -> dict:
 def section_speed(families, smoke: bool, windows: int) -> dict:
   """(a) framework vs hand-written JAX, (b) vs PyTorch eager and compiled; each family in
   a fresh process with the XLA flags research.train gives its model."""
-  from research import runtime
-
   rows = {}
   for family in families:
-    model = family_config(family, smoke)[0].model.name
-    env = dict(os.environ, XLA_FLAGS=runtime.xla_flags_for(model, os.environ.get("XLA_FLAGS", "")))
-    rows[family] = in_fresh_process(f"speed_row({family!r}, {smoke!r}, {windows!r})", env)
+    call = f"speed_row({family!r}, {smoke!r}, {windows!r})"
+    rows[family] = in_fresh_process(call, train_env(family, smoke))
     logging.info("speed %s: %s", family, rows[family])
   return rows
 
@@ -271,11 +304,7 @@ def section_mfu(smoke: bool, windows: int, speed: dict | None) -> dict:
   row = (speed or {}).get("lm") or section_speed(("lm",), smoke, windows)["lm"]
   dataset = registry.datasets.get(config.data.name)(config.data)
   rate, peak = row["research_steps_per_sec"], row["peak_flops"]
-  model = dict(config.model)
-  counts = flops.transformer_lm(
-    config.global_batch_size, config.data.seq_len, model["num_layers"], model["embed_dim"],
-    model.get("mlp_ratio", 4), dataset.model_kwargs["vocab_size"],
-  )  # fmt: skip
+  counts = flops.config_counts(config, dataset.model_kwargs)
   return {
     "shape": describe(config),
     "xla_flags": row["xla_flags"],
@@ -294,30 +323,29 @@ def section_input(families, smoke: bool, windows: int) -> dict:
   """(d) loader throughput, and training time spent waiting for data."""
   import jax
 
-  from research import experiment, parallel, train
+  from research import parallel
 
   rows = {}
   for family in families:
-    config, window = family_config(family, smoke)
-    exp = experiment.build(config)
-    step = train.jit_train_step(exp)
-    state = experiment.fresh_state(exp)
-    loader = exp.dataset.train_loader(config.global_batch_size, config.seed)
-    fixed = parallel.global_batch(loader(0), exp.batch_sharding)
-    state, metrics = step(state, fixed)  # compile
-    jax.block_until_ready(metrics)
+    prepared = FrameworkStep.build(family, smoke)
+    config, window, loader, fixed = (
+      prepared.config, prepared.window, prepared.loader, prepared.batch
+    )  # fmt: skip
     count = 0
 
     def run(with_loader: bool) -> float:
-      nonlocal state, count
+      nonlocal count
       t0 = time.perf_counter()
       for _ in range(window):
-        batch = parallel.global_batch(loader(count), exp.batch_sharding) if with_loader else fixed
-        state, metrics = step(state, batch)
+        batch = fixed
+        if with_loader:
+          batch = parallel.global_batch(loader(count), prepared.exp.batch_sharding)
+        prepared.state, metrics = prepared.step(prepared.state, batch)
         count += 1
       jax.block_until_ready(metrics)
       return time.perf_counter() - t0
 
+    run(False)  # compile
     loaded, fed = [], []
     for _ in range(windows):
       loaded.append((window, run(True)))
@@ -462,22 +490,15 @@ def step_time(family: str, smoke: bool, windows: int) -> float:
   the device (this process's XLA flags)."""
   import jax
 
-  from research import experiment, parallel, train
-
-  config, window = family_config(family, smoke)
-  exp = experiment.build(config)
-  step = train.jit_train_step(exp)
-  state = experiment.fresh_state(exp)
-  loader = exp.dataset.train_loader(config.global_batch_size, config.seed)
-  batch = parallel.global_batch(loader(0), exp.batch_sharding)
+  prepared = FrameworkStep.build(family, smoke)
   times = []
   for i in range(windows + 1):
     t0 = time.perf_counter()
-    for _ in range(window):
-      state, metrics = step(state, batch)
+    for _ in range(prepared.window):
+      prepared.state, metrics = prepared.step(prepared.state, prepared.batch)
     jax.block_until_ready(metrics)
     if i:  # the first window compiles
-      times.append((time.perf_counter() - t0) / window)
+      times.append((time.perf_counter() - t0) / prepared.window)
   return statistics.median(times)
 
 
@@ -485,22 +506,13 @@ def section_xla_flags(families, smoke: bool, windows: int, rounds: int = 2) -> d
   """The train step under each XLA CPU setting, each in a fresh process (XLA reads its
   flags once), the settings alternating over `rounds`; best round reported."""
   rows = {}
-  repo = Path(__file__).resolve().parent.parent
   for family in families:
     times = {name: [] for name in XLA_SETTINGS}
     for _ in range(rounds):
       for name, settings in XLA_SETTINGS.items():
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
         env.update(settings)
-        code = (
-          f"from research import bench; print(bench.step_time({family!r}, {smoke!r}, {windows!r}))"
-        )
-        done = subprocess.run(
-          [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=repo
-        )
-        if done.returncode:
-          raise RuntimeError(f"step timing failed ({name}): {done.stderr[-2000:]}")
-        times[name].append(float(done.stdout.strip().splitlines()[-1]))
+        times[name].append(in_fresh_process(f"step_time({family!r}, {smoke!r}, {windows!r})", env))
     rows[family] = {name: min(values) for name, values in times.items()}
     logging.info("xla flags %s: %s", family, rows[family])
   return rows
@@ -509,13 +521,9 @@ def section_xla_flags(families, smoke: bool, windows: int, rounds: int = 2) -> d
 def section_profile(families, smoke: bool) -> dict:
   """Where a train step's time goes, each family in a fresh process with the XLA flags
   research.train gives its model."""
-  from research import runtime
-
   rows = {}
   for family in families:
-    model = family_config(family, smoke)[0].model.name
-    env = dict(os.environ, XLA_FLAGS=runtime.xla_flags_for(model, os.environ.get("XLA_FLAGS", "")))
-    rows[family] = in_fresh_process(f"profile_row({family!r}, {smoke!r})", env)
+    rows[family] = in_fresh_process(f"profile_row({family!r}, {smoke!r})", train_env(family, smoke))
     logging.info("profile %s: %s", family, rows[family])
   return rows
 
@@ -529,15 +537,9 @@ def profile_row(family: str, smoke: bool) -> dict:
 
   import jax
 
-  from research import experiment, parallel, train
-
-  config, _ = family_config(family, smoke)
-  exp = experiment.build(config)
-  step = train.jit_train_step(exp)
-  state = experiment.fresh_state(exp)
-  loader = exp.dataset.train_loader(config.global_batch_size, config.seed)
-  batch = parallel.global_batch(loader(0), exp.batch_sharding)
-  compiled = step.lower(state, batch).compile()
+  prepared = FrameworkStep.build(family, smoke)
+  config, state, batch = prepared.config, prepared.state, prepared.batch
+  compiled = prepared.step.lower(state, batch).compile()
   sources = {}
   for line in compiled.as_text().splitlines():
     found = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*op_name=\"([^\"]+)\"", line)

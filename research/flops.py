@@ -73,17 +73,22 @@ def measured_peak(size: int = 2048, dtype: str = "float32", repeats: int = 10) -
   return 2.0 * size**3 / best
 
 
-def config_flops(config, model_kwargs: dict) -> float | None:
-  """Formula FLOPs per step (all devices) of a config, where a formula is known (the
-  Transformer LM: the attention-inclusive count); None otherwise."""
+def config_counts(config, model_kwargs: dict) -> dict[str, float] | None:
+  """transformer_lm()'s counts for a config's step, where a formula is known (the
+  Transformer LM); None otherwise."""
   if config.model.name != "transformer_lm":
     return None
   model = {**model_kwargs, **{k: v for k, v in config.model.items() if k != "name"}}
-  counts = transformer_lm(
+  return transformer_lm(
     config.global_batch_size, config.data.seq_len, model.get("num_layers", 4),
     model.get("embed_dim", 128), model.get("mlp_ratio", 4), model["vocab_size"],
   )  # fmt: skip
-  return counts["with_attention"]
+
+
+def config_flops(config, model_kwargs: dict) -> float | None:
+  """Formula FLOPs per step (all devices) of a config: the attention-inclusive count."""
+  counts = config_counts(config, model_kwargs)
+  return counts["with_attention"] if counts else None
 
 
 def compiled_flops(compiled) -> float | None:

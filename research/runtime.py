@@ -3,9 +3,10 @@
 1. XLA CPU flags by model (`apply_xla_defaults`, called by research.train before
    any JAX backend starts): YNNPACK kernels for dot products where they were
    measured faster. `python -m research.bench` (its XLA table) on a 2-core CPU:
-   the Transformer LM's train step 850 -> 681 ms with YNNPACK dots, while the
-   MLP (4.7 -> 5.3 ms) and the CNN (112 -> 122 ms) are faster without, and
-   YNNPACK's elementwise and reduction fusions slow all three. Results equal to
+   the Transformer LM's train step 1665 -> 1303 ms with YNNPACK dots (width
+   768; 858 -> 673 at width 512), the CNN's 107 -> 119 ms (slower), the MLP's
+   within noise (4.7 vs 5.3, then 5.3 vs 5.0 ms); YNNPACK's elementwise and
+   reduction fusions are never the fastest. Results equal to
    float32 rounding, but the rounding depends on the per-device batch (data
    parallel no longer matches one device to ~1e-7). Only for jaxlib versions
    where the flag was tested (an unknown XLA flag aborts the process). Off with
