@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -311,6 +312,10 @@ def main(argv):
       raise
     return _usage_error(str(e))
   except (TrainingHalted, _save_failed()) as e:
+    if isinstance(e, _save_failed()) and not _VERBOSE.value:
+      # A failed save can leave Orbax coroutines that were never awaited; at exit Python
+      # would print a RuntimeWarning for each after our one line (seen once in CI).
+      warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 
