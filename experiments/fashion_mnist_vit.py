@@ -14,14 +14,14 @@ from research import config as config_lib
 
 
 def get_config(arg=None):
-  options = config_lib.parse_arg(arg, epochs=20.0, pool="cls")
+  options = config_lib.parse_arg(arg, epochs=20.0, pool="cls", crop=False, stochastic_depth=0.0)
   config = config_lib.base()
   config.data.name = "fashion_mnist"
   config.data.raw_dir = config_lib.raw_data_dir("fashion-mnist")
-  config.data.pp_train = "flip_lr"
+  config.data.pp_train = "pad(2)|random_crop(28)|flip_lr" if options.crop else "flip_lr"
   config.model = config_lib.entry(
     "model", "vit", patch_size=4, num_layers=6, num_heads=4, embed_dim=128, mlp_ratio=2,
-    pool=options.pool,
+    pool=options.pool, stochastic_depth=options.stochastic_depth,
   )  # fmt: skip
   config.loss.label_smoothing = 0.1
   config.optimizer = config_lib.entry(

@@ -13,6 +13,10 @@ Sizes (`shakespeare_char.py:size=...`):
 - `cpu30`: 4 layers, width 192, context 128, batch 24, dropout 0.1: the 30-minute budget.
 - `baby`: nanoGPT's GPU "baby GPT" (6 layers, 6 heads, width 384, context 256,
   batch 64, dropout 0.2, 5000 iterations: 1.47).
+- `gpt2`: GPT-2 small's shape (12 layers, 12 heads, width 768, context 1024;
+  85M parameters on 65 characters, 124M with GPT-2's 50,257 tokens) in bf16
+  with fused attention (cuDNN's flash attention on GPUs), batch 32: the GPU
+  MFU benchmark of results/benchmarks_gpu.md, not a CPU run.
 """
 
 from research import config as config_lib
@@ -23,6 +27,7 @@ SIZES = {
   "nanogpt": (4, 4, 128, 64, 12, 2000, 0.0, 1e-3),
   "cpu30": (4, 6, 192, 128, 24, 2000, 0.1, 3e-3),
   "baby": (6, 6, 384, 256, 64, 5000, 0.2, 1e-3),
+  "gpt2": (12, 12, 768, 1024, 32, 300, 0.0, 6e-4),
 }
 
 
@@ -44,6 +49,9 @@ def get_config(arg=None):
     "optimizer", "adamw", learning_rate=learning_rate, b2=0.99, weight_decay=0.1, grad_clip_norm=1.0
   )
   config.schedule = config_lib.entry("schedule", "warmup_cosine", warmup_steps=100, end_value=1e-4)
+  if options.size == "gpt2":
+    config.dtype = "bfloat16"
+    config.model.attention = "auto"
   config.sharding_rules.vocab = ()  # 65 characters divide by no model axis: replicate
   config.global_batch_size = batch
   config.eval_batch_size = 64

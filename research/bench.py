@@ -125,7 +125,7 @@ class HandLoop:
   """A minimal JAX + Flax + Optax training loop: what a researcher writes by hand.
 
   Same model module, optimizer and batch as the framework's run; batches are
-  real examples already in host memory (cycled), passed to a jitted step that
+  real examples already on the device (cycled), passed to a jitted step that
   donates the parameters and optimizer state.
   """
 
@@ -140,7 +140,8 @@ class HandLoop:
     self.model = model = registry.build_model(config, dataset)
     self.tx, _ = optim.make_optimizer(config.optimizer, config.schedule, 10**6)
     loader = dataset.train_loader(config.global_batch_size, seed=1)
-    self.batches = [loader(s) for s in range(num_batches)]
+    self.batches = [loader(s) for s in range(num_batches)]  # host copies, for PyTorch
+    self.device_batches = [jax.device_put(b) for b in self.batches]
     first = self.batches[0]["inputs"][:1]
     dummy = first.astype(jnp.float32) / 255.0 if first.dtype == "uint8" else first
     params = nn.meta.unbox(model.init(jax.random.key(0), dummy, train=False))["params"]
@@ -169,7 +170,7 @@ class HandLoop:
 
     t0 = time.perf_counter()
     for _ in range(steps):
-      batch = self.batches[self.count % len(self.batches)]
+      batch = self.device_batches[self.count % len(self.batches)]
       key = jax.random.fold_in(self.key, self.count)
       self.params, self.opt_state, loss = self.step(
         self.params, self.opt_state, batch["inputs"], batch["targets"], key
@@ -258,10 +259,16 @@ def speed_row(family: str, smoke: bool, windows: int) -> dict:
   if peak:
     row["peak_flops"] = max(peak, flops.measured_peak())
   if torch_models.available():
+    import jax
+
+    device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+    row["torch_device"] = device
     for mode in ("eager", "compile"):
       if mode == "compile" and smoke:
         continue
-      trainer = torch_models.Trainer(family, config, hand.batches, compiled=mode == "compile")
+      trainer = torch_models.Trainer(
+        family, config, hand.batches, compiled=mode == "compile", device=device
+      )
       trainer.run(3)
       torch_windows = [(window, trainer.run(window)) for _ in range(windows)]
       row[f"torch_{mode}_steps_per_sec"] = median_rate(torch_windows)
@@ -320,7 +327,8 @@ def section_mfu(smoke: bool, windows: int, speed: dict | None) -> dict:
 
 
 def section_input(families, smoke: bool, windows: int) -> dict:
-  """(d) loader throughput, and training time spent waiting for data."""
+  """(d) loader throughput, and training time spent waiting for data: with the batches
+  research.train feeds (parallel.BatchFeeder) and, beside them, fed from the host."""
   import jax
 
   from research import parallel
@@ -331,38 +339,45 @@ def section_input(families, smoke: bool, windows: int) -> dict:
     config, window, loader, fixed = (
       prepared.config, prepared.window, prepared.loader, prepared.batch
     )  # fmt: skip
+    sharding = prepared.exp.batch_sharding
+    feeder = parallel.BatchFeeder(loader, sharding, config.data.device_resident_mb)
+    sources = {
+      "fixed": lambda step: fixed,
+      "feeder": feeder,
+      "host": lambda step: parallel.global_batch(loader(step), sharding),
+    }
     count = 0
 
-    def run(with_loader: bool) -> float:
+    def run(source) -> float:
       nonlocal count
       t0 = time.perf_counter()
       for _ in range(window):
-        batch = fixed
-        if with_loader:
-          batch = parallel.global_batch(loader(count), prepared.exp.batch_sharding)
-        prepared.state, metrics = prepared.step(prepared.state, batch)
+        prepared.state, metrics = prepared.step(prepared.state, source(count))
         count += 1
       jax.block_until_ready(metrics)
       return time.perf_counter() - t0
 
-    run(False)  # compile
-    loaded, fed = [], []
+    for source in sources.values():
+      run(source)  # compile
+    timed = {name: [] for name in sources}
     for _ in range(windows):
-      loaded.append((window, run(True)))
-      fed.append((window, run(False)))
+      for name, source in sources.items():
+        timed[name].append((window, run(source)))
     t0, n = time.perf_counter(), 0
     while time.perf_counter() - t0 < (0.2 if smoke else 2.0):
       loader(10_000 + n)
       n += 1
     loader_rate = n * config.global_batch_size / (time.perf_counter() - t0)
-    with_loader, without = median_rate(loaded), median_rate(fed)
+    rate = {name: median_rate(windows) for name, windows in timed.items()}
     rows[family] = {
       "shape": describe(config),
       "pp_train": config.data.pp_train,
+      "device_resident": feeder.device_resident,
       "loader_examples_per_sec": loader_rate,
-      "step_examples_per_sec": without * config.global_batch_size,
-      "train_examples_per_sec": with_loader * config.global_batch_size,
-      "wait_fraction": max(0.0, 1.0 - with_loader / without),
+      "step_examples_per_sec": rate["fixed"] * config.global_batch_size,
+      "train_examples_per_sec": rate["feeder"] * config.global_batch_size,
+      "wait_fraction": max(0.0, 1.0 - rate["feeder"] / rate["fixed"]),
+      "host_fed_wait_fraction": max(0.0, 1.0 - rate["host"] / rate["fixed"]),
     }
     logging.info("input %s: %s", family, rows[family])
   return rows
@@ -625,33 +640,39 @@ def run(sections=SECTIONS, smoke: bool = False, out: str = "results/benchmarks",
     "versions": {**versions(), **torch_models.versions()},
     "goals": GOALS,
   }
-  with tempfile.TemporaryDirectory(prefix="research_bench_") as tmp:
-    root = Path(tmp)
-    t0 = time.perf_counter()
-    if "xla_flags" in sections:
-      chosen = ("mlp",) if smoke else families
-      results["xla_flags"] = section_xla_flags(chosen, smoke, windows, rounds=1 if smoke else 2)
-    if "speed" in sections:
-      results["speed"] = section_speed(families, smoke, windows)
-    if "mfu" in sections:
-      results["mfu"] = section_mfu(smoke, windows, results.get("speed"))
-    if "input" in sections:
-      results["input"] = section_input((*families[:2], "cnn_augment"), smoke, windows)
-    if "checkpoint" in sections:
-      results["checkpoint"] = section_checkpoint(smoke, root)
-    if "startup" in sections:
-      results["startup"] = section_startup(families[1:] if not smoke else ("mlp",), root)
-    if "profile" in sections:
-      results["profile"] = section_profile(families[1:], smoke)
-    results["bench_wall_sec"] = time.perf_counter() - t0
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
   markdown = out.with_suffix(".md")
   kept = ""  # a hand-written "## Discussion" at the end survives re-runs
   if markdown.exists() and "\n## Discussion" in markdown.read_text():
     kept = "\n## Discussion" + markdown.read_text().split("\n## Discussion", 1)[1]
-  markdown.write_text(report(results) + kept)
+
+  def save():  # after every section: a run cut short keeps what it measured
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    markdown.write_text(report(results) + kept)
+
+  with tempfile.TemporaryDirectory(prefix="research_bench_") as tmp:
+    root = Path(tmp)
+    t0 = time.perf_counter()
+    for section in sections:  # in the order given: a run cut short keeps the first ones
+      if section == "xla_flags":
+        chosen = ("mlp",) if smoke else families
+        results[section] = section_xla_flags(chosen, smoke, windows, rounds=1 if smoke else 2)
+      elif section == "speed":
+        results[section] = section_speed(families, smoke, windows)
+      elif section == "mfu":
+        results[section] = section_mfu(smoke, windows, results.get("speed"))
+      elif section == "input":
+        results[section] = section_input((*families[:2], "cnn_augment"), smoke, windows)
+      elif section == "checkpoint":
+        results[section] = section_checkpoint(smoke, root)
+      elif section == "startup":
+        results[section] = section_startup(families[1:] if not smoke else ("mlp",), root)
+      elif section == "profile":
+        results[section] = section_profile(families[1:], smoke)
+      results["bench_wall_sec"] = time.perf_counter() - t0
+      save()
+  save()
   return results
 
 
@@ -727,17 +748,24 @@ def report(results: dict) -> str:
     lines += [
       "## Input pipeline",
       "",
-      f"Goal: {GOALS['input']}. Waiting = 1 - (steps/s with the loader) / "
-      "(steps/s fed one batch already on the device).",
+      f"Goal: {GOALS['input']}. Waiting = 1 - (steps/s with the batches research.train "
+      "feeds) / (steps/s fed one batch already on the device). research.train holds "
+      "small datasets without pp_train on the devices and gathers each batch there "
+      "(`parallel.BatchFeeder`); the last column feeds the same steps from the host "
+      "(gather + device_put per step), for comparison.",
       "",
-      "| family | pp_train | loader examples/s | step examples/s | trained examples/s | waiting |",
-      "|---|---|---|---|---|---|",
+      "| family | pp_train | on device | loader examples/s | step examples/s "
+      "| trained examples/s | waiting | waiting, host-fed |",
+      "|---|---|---|---|---|---|---|---|",
     ]
     for family, r in data.items():
+      host_fed = r.get("host_fed_wait_fraction")
       lines.append(
-        f"| {family} | `{r['pp_train'] or '-'}` | {r['loader_examples_per_sec']:.0f} "
+        f"| {family} | `{r['pp_train'] or '-'}` | {'yes' if r.get('device_resident') else 'no'} "
+        f"| {r['loader_examples_per_sec']:.0f} "
         f"| {r['step_examples_per_sec']:.0f} | {r['train_examples_per_sec']:.0f} "
-        f"| **{100 * r['wait_fraction']:.2f}%** |"
+        f"| **{100 * r['wait_fraction']:.2f}%** "
+        f"| {'-' if host_fed is None else f'{100 * host_fed:.2f}%'} |"
       )
     lines.append("")
   ckpt = results.get("checkpoint")

@@ -49,6 +49,10 @@ def base() -> ml_collections.ConfigDict:
       pp_train="",
       pp_eval="",
       vocab_size=0,  # datasets that train a subword tokenizer (translation): its size
+      # In-memory training sets (MNIST-sized) without pp_train up to this size are held
+      # whole on every device and each step's batch is gathered there; 0: always fed
+      # from the host (research.parallel.BatchFeeder).
+      device_resident_mb=1024,
     )
   )
   config.model = ml_collections.ConfigDict(dict(name="softmax_regression"))

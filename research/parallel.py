@@ -96,6 +96,53 @@ def global_batch(
   }
 
 
+class BatchFeeder:
+  """`feeder(step)`: the global batch of `step`, sharded over the batch axes.
+
+  A step-indexed in-memory dataset (loader.StepLoader) with no per-batch
+  preprocessing and at most `device_resident_mb` of arrays is put on every
+  device once; each step then sends only its example indices (the loader's,
+  so the batches are the same bytes) and a jitted gather builds the batch on
+  the devices. The host does ~10 us of work per step instead of a gather and a
+  copy of the batch, which on a small CPU competes with XLA's threads and on
+  an accelerator is a transfer per step. Otherwise the loader's rows are
+  placed as `global_batch` does.
+  """
+
+  def __init__(self, loader, sharding: NamedSharding, device_resident_mb: float):
+    from research.data.loader import StepLoader
+
+    self.loader, self.sharding = loader, sharding
+    arrays = getattr(loader, "arrays", {})
+    nbytes = sum(v.nbytes for v in arrays.values())
+    self.device_resident = (
+      isinstance(loader, StepLoader)
+      and loader.pipeline is None
+      and 0 < nbytes <= device_resident_mb * 2**20
+    )
+    self.nbytes = nbytes
+    if self.device_resident:
+      replicated = NamedSharding(sharding.mesh, PartitionSpec())
+      self.arrays = jax.device_put(arrays, replicated)
+      self.index_sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[:1]))
+      self.gather = jax.jit(
+        lambda arrays, indices: {key: value[indices] for key, value in arrays.items()},
+        out_shardings=sharding,
+      )
+
+  def __call__(self, step: int) -> dict[str, jax.Array]:
+    if not self.device_resident:
+      return global_batch(self.loader(step), self.sharding)
+    indices = self.loader.global_indices(step).astype(np.int32)
+    if jax.process_count() == 1:
+      indices = jax.device_put(indices, self.index_sharding)
+    else:
+      indices = jax.make_array_from_callback(
+        indices.shape, self.index_sharding, lambda index: indices[index]
+      )
+    return self.gather(self.arrays, indices)
+
+
 # --- Multi-process.
 
 COORDINATOR_ENV = "RESEARCH_COORDINATOR"  # host:port of process 0

@@ -97,15 +97,17 @@ def TransformerLM(vocab, num_layers, num_heads, width, mlp_ratio, max_len):  # n
 class Trainer:
   """One family's model, optimizer and batches (host tensors, cycled); `run(n)` times
   n training steps. `compiled=True` wraps the model in torch.compile (its compile
-  time is `setup_sec`, after the first steps)."""
+  time is `setup_sec`, after the first steps). `device`: "cpu" or "cuda"; batches
+  are moved there once, before timing, as JAX's hand-written loop has them."""
 
-  def __init__(self, family: str, config, batches: list[dict], compiled: bool = False):
+  def __init__(self, family: str, config, batches: list[dict], compiled: bool = False,
+               device: str = "cpu"):  # fmt: skip
     import torch
 
     torch.manual_seed(0)
     vocab = int(max(b["inputs"].max() for b in batches)) + 1 if family == "lm" else 0
     vocab = max(vocab, 65)
-    self.model = build(family, config, vocab)
+    self.model = build(family, config, vocab).to(device)
     kwargs = dict(lr=config.optimizer.learning_rate)
     if config.optimizer.name == "adamw":
       self.optimizer = torch.optim.AdamW(self.model.parameters(), **kwargs)
@@ -116,7 +118,8 @@ class Trainer:
       inputs = torch.from_numpy(batch["inputs"])
       if family != "lm":
         inputs = (inputs.float() / 255.0).permute(0, 3, 1, 2).contiguous()
-      self.batches.append((inputs, torch.from_numpy(batch["targets"]).long()))
+      targets = torch.from_numpy(batch["targets"]).long()
+      self.batches.append((inputs.to(device), targets.to(device)))
     self.forward = torch.compile(self.model) if compiled else self.model
     self.count = 0
     t0 = time.perf_counter()

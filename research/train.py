@@ -185,6 +185,11 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   train_loader = exp.dataset.train_loader(
     config.global_batch_size, config.seed, process_index, exp.process_count
   )
+  feeder = parallel.BatchFeeder(train_loader, exp.batch_sharding, config.data.device_resident_mb)
+  if feeder.device_resident:
+    logging.info(
+      "training data: %.1f MB held on every device, batches gathered there", feeder.nbytes / 1e6
+    )
   writer = metrics_lib.MetricWriter(workdir, enabled=process_index == 0)
   metadata = {"config": config.to_dict(), "versions": versions()}
   metadata = json.loads(json.dumps(metadata, default=str))
@@ -193,7 +198,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   t_loop = time.perf_counter()
   try:
     for step in range(start_step, total_steps):
-      batch = parallel.global_batch(train_loader(step), exp.batch_sharding)
+      batch = feeder(step)
       if step == start_step:  # XLA's FLOP count for MFU; the call below reuses this compile
         t_lower = time.perf_counter()
         lowered = train_step.lower(state, batch)

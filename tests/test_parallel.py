@@ -46,7 +46,7 @@ def test_multi_slice_mesh_puts_data_across_slices():
     parallel.device_grid(_mesh(data=1, model=-1), devices)
 
 
-def _run(workdir, tfds_data_dir, mnist_raw_dir, devices):
+def _run(workdir, tfds_data_dir, mnist_raw_dir, devices, *flags):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   result = subprocess.run(
     [
@@ -54,7 +54,7 @@ def _run(workdir, tfds_data_dir, mnist_raw_dir, devices):
       f"--workdir={workdir}", f"--config.data.data_dir={tfds_data_dir}",
       f"--config.data.raw_dir={mnist_raw_dir}", "--config.model.widths=(32,)",
       "--config.model.dropout=0.0", "--config.num_train_steps=30",
-      "--config.log_every_steps=10", "--config.eval_batch_size=1000",
+      "--config.log_every_steps=10", "--config.eval_batch_size=1000", *flags,
     ],
     capture_output=True, text=True, cwd=config_lib.REPO_ROOT, env=env, timeout=600,
   )  # fmt: skip
@@ -65,9 +65,11 @@ def _run(workdir, tfds_data_dir, mnist_raw_dir, devices):
 def test_data_parallel_on_8_devices_matches_one_device(
   mnist, tfds_data_dir, mnist_raw_dir, tmp_path
 ):
+  """One device fed from the host, eight gathering batches from MNIST held on each."""
   del mnist  # prepared by the session fixture
-  one = _run(tmp_path / "one", tfds_data_dir, mnist_raw_dir, devices=1)
-  eight = _run(tmp_path / "eight", tfds_data_dir, mnist_raw_dir, devices=8)
+  host_fed = "--config.data.device_resident_mb=0"
+  one = _run(tmp_path / "one", tfds_data_dir, mnist_raw_dir, 1, host_fed)
+  eight = _run(tmp_path / "eight", tfds_data_dir, mnist_raw_dir, 8)
   config_eight = (tmp_path / "eight" / "config.json").read_text()
   assert '"data": 8' in config_eight
   losses = lambda records: [r["metrics"]["loss"] for r in records if r["split"] == "train"]
@@ -75,3 +77,34 @@ def test_data_parallel_on_8_devices_matches_one_device(
   assert losses(eight) == pytest.approx(losses(one), rel=1e-5)
   accuracy = lambda records: [r["metrics"]["accuracy"] for r in records if r["split"] == "test"]
   assert accuracy(eight) == pytest.approx(accuracy(one), abs=2e-4)  # at most 2 of 10,000 flip
+
+
+def test_batch_feeder_gathers_the_loaders_batches_on_the_device():
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  from research.data import loader, preprocess
+
+  rng = np.random.default_rng(0)
+  arrays = {
+    "inputs": rng.integers(0, 256, (50, 4, 4, 1), dtype=np.uint8),
+    "targets": rng.integers(0, 10, 50).astype(np.int32),
+  }
+  mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "model"))
+  sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+  plain = loader.StepLoader(arrays, 16, seed=3)
+  feeder = parallel.BatchFeeder(plain, sharding, device_resident_mb=1)
+  assert feeder.device_resident
+  for step in (0, 2, 3, 7):  # step 3 spans the end of the first epoch
+    got, want = feeder(step), plain(step)
+    assert got["inputs"].sharding == sharding
+    for key in arrays:
+      np.testing.assert_array_equal(np.asarray(got[key]), want[key])
+  # Host-fed: per-batch preprocessing, too large a dataset, or turned off.
+  augmented = loader.StepLoader(arrays, 16, 3, pipeline=preprocess.Pipeline("flip_lr"))
+  assert not parallel.BatchFeeder(augmented, sharding, 1).device_resident
+  assert not parallel.BatchFeeder(plain, sharding, 0).device_resident
+  assert not parallel.BatchFeeder(plain, sharding, 1e-4).device_resident  # 1 kB > 105 B
+  host = parallel.BatchFeeder(plain, sharding, 0)(3)
+  np.testing.assert_array_equal(np.asarray(host["inputs"]), plain(3)["inputs"])

@@ -29,7 +29,7 @@ def _init(model, length=16):
 @pytest.mark.parametrize(
   "overrides",
   [{}, {"positions": "rotary"}, {"norm": "rmsnorm"}, {"tied_embeddings": False},
-   {"dtype": "bfloat16"}, {"dropout": 0.1}],
+   {"dtype": "bfloat16"}, {"dropout": 0.1}, {"attention": "auto"}, {"attention": "xla"}],
 )  # fmt: skip
 def test_shapes_axes_and_causality(overrides):
   model = _model(**overrides)
@@ -49,6 +49,27 @@ def test_shapes_axes_and_causality(overrides):
     )
     assert not np.allclose(train(0), train(1))
     np.testing.assert_array_equal(train(0), train(0))
+
+
+def test_fused_attention_computes_the_same_function_and_gradients():
+  """jax.nn.dot_product_attention (cuDNN's flash attention on GPUs) against the einsum path,
+  decoding with a cache included."""
+  model = _model()
+  tokens_BxL, variables = _init(model)
+  params = nn.meta.unbox(variables)
+  loss = lambda m: lambda p: m.apply(p, tokens_BxL).mean()  # noqa: E731
+  fused = _model(attention="xla")
+  np.testing.assert_allclose(fused.apply(params, tokens_BxL), model.apply(params, tokens_BxL),
+                             rtol=1e-5, atol=1e-6)  # fmt: skip
+  for got, want in zip(jax.tree.leaves(jax.grad(loss(fused))(params)),
+                       jax.tree.leaves(jax.grad(loss(model))(params)), strict=True):  # fmt: skip
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+  with pytest.raises(ValueError, match="has no attention dropout"):
+    _model(attention="xla", dropout=0.1).apply(
+      params, tokens_BxL, train=True, rngs={"dropout": jax.random.key(0)}
+    )
+  with pytest.raises(ValueError, match="model.attention='flash': valid: einsum, auto"):
+    _model(attention="flash").apply(params, tokens_BxL)
 
 
 def test_parameter_count_matches_nanogpt():

@@ -19,6 +19,7 @@ from research.models import layers
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rotary")
+ATTENTION_IMPLS = ("einsum", "auto", "xla", "cudnn")  # einsum: ours; others: jax.nn's fused
 
 
 def _init(stddev: float, axes):
@@ -63,6 +64,7 @@ class Attention(nn.Module):
   max_len: int
   causal: bool = True
   qkv_stddev: float = 0.02  # GPT-2's; encoder-decoders use width**-0.5 (see seq2seq)
+  implementation: str = "einsum"  # or a jax.nn.dot_product_attention one (ATTENTION_IMPLS)
 
   @nn.compact
   def __call__(
@@ -88,6 +90,9 @@ class Attention(nn.Module):
     if self.positions == "rotary" and context_BxSxD is None:
       q_BxLxHxK, k_BxSxHxK = rotary(q_BxLxHxK, positions_L), rotary(k_BxSxHxK, positions_L)
     q_BxLxHxK = layers.constrain(q_BxLxHxK, ("batch", None, "heads", "kv"))
+    fused = self.implementation != "einsum" and not decode and context_BxSxD is None
+    if fused and mask_BxS is None:
+      return self._fused(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, train, width)
     key_positions_S = positions_L
     if decode and context_BxSxD is None:  # earlier calls' keys and values: the "cache"
       k_BxSxHxK, v_BxSxHxK, key_positions_S = self._cached(k_BxSxHxK, v_BxSxHxK, positions_L)
@@ -102,11 +107,35 @@ class Attention(nn.Module):
     weights_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1).astype(self.dtype)
     weights_BxHxLxS = nn.Dropout(self.dropout, deterministic=not train)(weights_BxHxLxS)
     y_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", weights_BxHxLxS, v_BxSxHxK)
+    return self._project_out(y_BxLxHxK, width)
+
+  def _project_out(self, y_BxLxHxK, width):
     out_HxKxD = self.param(
-      "out", _init(self.out_stddev, ("heads", "kv", "embed")), shape_DxHxK[1:] + (width,)
+      "out",
+      _init(self.out_stddev, ("heads", "kv", "embed")),
+      (self.num_heads, self.head_dim, width),
     )
     y_BxLxD = jnp.einsum("blhk,hkd->bld", y_BxLxHxK, out_HxKxD.astype(self.dtype))
     return layers.constrain(y_BxLxD, ("batch", None, "embed"))
+
+  def _fused(self, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, train, width):
+    """jax.nn.dot_product_attention: on GPUs, cuDNN's flash attention (no L x L
+    matrix in memory; causal blocks skipped) under `implementation="cudnn"` or
+    "auto" in bf16; XLA's own elsewhere. No dropout on the attention weights."""
+    if self.implementation not in ATTENTION_IMPLS:
+      raise ValueError(
+        f"model.attention={self.implementation!r}: valid: {', '.join(ATTENTION_IMPLS)}"
+      )
+    if train and self.dropout > 0:
+      raise ValueError(
+        f"model.attention={self.implementation!r} has no attention dropout: "
+        f"set model.dropout=0 or model.attention='einsum'"
+      )
+    impl = None if self.implementation == "auto" else self.implementation
+    y_BxLxHxK = jax.nn.dot_product_attention(
+      q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=self.causal, implementation=impl
+    )
+    return self._project_out(y_BxLxHxK, width)
 
   def _cached(self, k_BxLxHxK, v_BxLxHxK, positions_L):
     """Writes this call's keys and values at positions_L; returns all max_len of them.
@@ -163,6 +192,7 @@ class TransformerLM(nn.Module):
   norm: str = "layernorm"  # or "rmsnorm"
   dropout: float = 0.0
   tied_embeddings: bool = True
+  attention: str = "einsum"  # "auto", "xla" or "cudnn": jax.nn.dot_product_attention
   dtype: str = "float32"
 
   @nn.compact
@@ -204,7 +234,7 @@ class TransformerLM(nn.Module):
       h_BxLxD = _norm(self.norm, f"block_{i}_norm_1")(x_BxLxD).astype(dtype)
       h_BxLxD = Attention(
         self.num_heads, self.embed_dim // self.num_heads, self.positions, self.dropout,
-        out_stddev, dtype, self.max_len, name=f"block_{i}_attention",
+        out_stddev, dtype, self.max_len, implementation=self.attention, name=f"block_{i}_attention",
       )(h_BxLxD, positions_L, train, decode)  # fmt: skip
       x_BxLxD = x_BxLxD + nn.Dropout(self.dropout, deterministic=not train)(h_BxLxD)
       h_BxLxD = _norm(self.norm, f"block_{i}_norm_2")(x_BxLxD).astype(dtype)
