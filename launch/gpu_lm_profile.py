@@ -1,0 +1,136 @@
+"""The GPT-2-shaped LM's train step on one accelerator: step time and MFU by attention
+implementation and batch, then where the time goes (JAX's profiler, per device kernel).
+
+    python launch/gpu_lm_profile.py OUT_DIR [--smoke]
+
+Prints a table; writes OUT_DIR/lm_profile.json. A diagnostic for
+results/benchmarks_gpu.md, run by hand on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+
+from research import config as config_lib
+from research import experiment, flops, parallel, train
+
+
+def build(attention: str, batch: int, smoke: bool):
+  config = config_lib.load_file("experiments/shakespeare_char.py:size=gpt2")
+  config.model.attention = attention
+  config.global_batch_size = batch
+  if smoke:
+    config.model.num_layers, config.model.embed_dim, config.model.num_heads = 1, 32, 2
+    config.data.seq_len = config.model.max_len = 32
+  exp = experiment.build(config)
+  loader = exp.dataset.train_loader(config.global_batch_size, config.seed)
+  batch_arrays = parallel.global_batch(loader(0), exp.batch_sharding)
+  state = experiment.fresh_state(exp)
+  step = train.jit_train_step(exp).lower(state, batch_arrays).compile()
+  return config, exp, step, state, batch_arrays
+
+
+def time_steps(step, state, batch, steps: int):
+  for _ in range(2):
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  return (time.perf_counter() - t0) / steps, state
+
+
+def kernel_table(step, state, batch, steps: int = 3, top: int = 15) -> dict:
+  """Device time per XLA operation (with the model code it came from) and per kernel,
+  over `steps` steps, from the accelerator planes of JAX's profiler."""
+  import re
+
+  sources = {}
+  for line in step.as_text().splitlines():
+    found = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*op_name=\"([^\"]+)\"", line)
+    if found:
+      sources[found.group(1)] = found.group(2).replace("jit(train_step)/", "")[:120]
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir)
+    for _ in range(steps):
+      state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    jax.profiler.stop_trace()
+    path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
+    profile = jax.profiler.ProfileData.from_file(path)
+  by = {"op": collections.Counter(), "kernel": collections.Counter()}
+  planes = []
+  for plane in profile.planes:
+    planes.append((plane.name, [line.name for line in plane.lines][:12]))
+    if "GPU" not in plane.name and "TPU" not in plane.name:
+      continue
+    for line in plane.lines:
+      table = "op" if line.name == "XLA Ops" else "kernel" if "Stream" in line.name else None
+      if table:
+        for event in line.events:
+          by[table][event.name] += event.duration_ns / 1e6 / steps
+  result = {"planes": planes}
+  for table, counter in by.items():
+    total = sum(counter.values())
+    grouped = collections.Counter()
+    for name, ms in counter.items():
+      source = re.sub(r"block_\d+", "block_*", sources.get(name, "")) if table == "op" else ""
+      grouped[(re.sub(r"\.\d+$", "", name)[:90], source)] += ms
+    result[f"{table}_total_ms"] = total
+    result[table] = [
+      {"name": n, "source": src, "ms_per_step": ms, "share": ms / max(total, 1e-9)}
+      for (n, src), ms in grouped.most_common(top)
+    ]
+  return result
+
+
+def main():
+  out = Path(sys.argv[1])
+  smoke = "--smoke" in sys.argv
+  out.mkdir(parents=True, exist_ok=True)
+  results = {"device": str(jax.devices()[0].device_kind), "variants": []}
+  variants = [("xla", 32), ("cudnn", 32), ("einsum", 32), ("cudnn", 64)]
+  best = None
+  for attention, batch in variants:
+    try:
+      config, exp, step, state, arrays = build(attention, batch, smoke)
+      seconds, state = time_steps(step, state, arrays, 3 if smoke else 10)
+    except Exception as e:  # noqa: BLE001  a variant this machine cannot run
+      results["variants"].append({"attention": attention, "batch": batch, "error": str(e)[:300]})
+      print(f"{attention:7s} batch {batch}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+      continue
+    model_flops = flops.config_flops(config, exp.dataset.model_kwargs)
+    peak, source = flops.peak_per_device(config.dtype)
+    row = {
+      "attention": attention, "batch": batch, "step_ms": 1e3 * seconds,
+      "tflops": model_flops / seconds / 1e12, "mfu": model_flops / seconds / peak,
+      "peak": source,
+    }  # fmt: skip
+    results["variants"].append(row)
+    print(json.dumps(row), flush=True)
+    if best is None or row["mfu"] > best[0]["mfu"]:
+      best = (row, step, state, arrays)
+    del step, state
+  if best:
+    row, step, state, arrays = best
+    results["profile_of"] = row
+    results["kernels"] = kernel_table(step, state, arrays)
+    kernels = results["kernels"]
+    for table in ("op", "kernel"):
+      print(f"-- per {table}: {kernels[f'{table}_total_ms']:.1f} ms per step")
+      for r in kernels[table]:
+        print(f"{r['ms_per_step']:8.2f} ms {100 * r['share']:5.1f}% {r['name']}  {r['source']}")
+  (out / "lm_profile.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+  main()
