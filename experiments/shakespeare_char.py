@@ -14,9 +14,10 @@ Sizes (`shakespeare_char.py:size=...`):
 - `baby`: nanoGPT's GPU "baby GPT" (6 layers, 6 heads, width 384, context 256,
   batch 64, dropout 0.2, 5000 iterations: 1.47).
 - `gpt2`: GPT-2 small's shape (12 layers, 12 heads, width 768, context 1024;
-  85M parameters on 65 characters, 124M with GPT-2's 50,257 tokens) in bf16
-  with fused attention (cuDNN's flash attention on GPUs), batch 32: the GPU
-  MFU benchmark of results/benchmarks_gpu.md, not a CPU run.
+  86M parameters on 65 characters, 124M with GPT-2's 50,257 tokens) in bf16,
+  batch 32, attention through jax.nn.dot_product_attention (`auto`: cuDNN's
+  flash attention where JAX picks it; on an H200 with jax 0.11.2 it compiled
+  to XLA's own): the GPU MFU benchmark of results/benchmarks_gpu.md (12-14%).
 """
 
 from research import config as config_lib
