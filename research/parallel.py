@@ -103,10 +103,11 @@ class BatchFeeder:
   preprocessing and at most `device_resident_mb` of arrays is put on every
   device once; each step then sends only its example indices (the loader's,
   so the batches are the same bytes) and a jitted gather builds the batch on
-  the devices. The host does ~10 us of work per step instead of a gather and a
-  copy of the batch, which on a small CPU competes with XLA's threads and on
-  an accelerator is a transfer per step. Otherwise the loader's rows are
-  placed as `global_batch` does.
+  the devices. Otherwise (and by default: config.data.device_resident_mb=0)
+  the loader's rows are placed as `global_batch` does. Measured by
+  research.bench, the gather's extra dispatch costs what the copy saved: on
+  the 2-core CPU the MLP waited 8.3% with it and 4.1% without; on an H200,
+  77.0% and 76.1% (0.15 ms steps, bound by Python's dispatches).
   """
 
   def __init__(self, loader, sharding: NamedSharding, device_resident_mb: float):

@@ -67,9 +67,9 @@ def test_data_parallel_on_8_devices_matches_one_device(
 ):
   """One device fed from the host, eight gathering batches from MNIST held on each."""
   del mnist  # prepared by the session fixture
-  host_fed = "--config.data.device_resident_mb=0"
-  one = _run(tmp_path / "one", tfds_data_dir, mnist_raw_dir, 1, host_fed)
-  eight = _run(tmp_path / "eight", tfds_data_dir, mnist_raw_dir, 8)
+  one = _run(tmp_path / "one", tfds_data_dir, mnist_raw_dir, 1)  # the default: host-fed
+  resident = "--config.data.device_resident_mb=100"
+  eight = _run(tmp_path / "eight", tfds_data_dir, mnist_raw_dir, 8, resident)
   config_eight = (tmp_path / "eight" / "config.json").read_text()
   assert '"data": 8' in config_eight
   losses = lambda records: [r["metrics"]["loss"] for r in records if r["split"] == "train"]
