@@ -114,14 +114,15 @@ class BatchFeeder:
     from research.data.loader import StepLoader
 
     self.loader, self.sharding = loader, sharding
-    arrays = getattr(loader, "arrays", {})
-    nbytes = sum(v.nbytes for v in arrays.values())
+    arrays = loader.arrays if isinstance(loader, StepLoader) else {}
+    in_memory = all(isinstance(v, np.ndarray) for v in arrays.values())  # not lazy columns
+    self.nbytes = sum(v.nbytes for v in arrays.values()) if in_memory else 0
     self.device_resident = (
-      isinstance(loader, StepLoader)
+      bool(arrays)
+      and in_memory
       and loader.pipeline is None
-      and 0 < nbytes <= device_resident_mb * 2**20
+      and 0 < self.nbytes <= device_resident_mb * 2**20
     )
-    self.nbytes = nbytes
     if self.device_resident:
       replicated = NamedSharding(sharding.mesh, PartitionSpec())
       self.arrays = jax.device_put(arrays, replicated)
