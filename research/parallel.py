@@ -106,8 +106,9 @@ class BatchFeeder:
   the devices. Otherwise (and by default: config.data.device_resident_mb=0)
   the loader's rows are placed as `global_batch` does. Measured by
   research.bench, the gather's extra dispatch costs what the copy saved: on
-  the 2-core CPU the MLP waited 8.3% with it and 4.1% without; on an H200,
-  77.0% and 76.1% (0.15 ms steps, bound by Python's dispatches).
+  the 2-core CPU the MLP waited 6.8-8.3% with it and 4.1-4.7% without (two
+  runs); on an H200, 77.0% and 76.1% (0.15 ms steps, bound by Python's
+  dispatches).
   """
 
   def __init__(self, loader, sharding: NamedSharding, device_resident_mb: float):
