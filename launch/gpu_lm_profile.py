@@ -19,8 +19,8 @@ from pathlib import Path
 
 import jax
 
+from research import bench, experiment, flops, parallel, train
 from research import config as config_lib
-from research import experiment, flops, parallel, train
 
 
 def build(attention: str, batch: int, smoke: bool):
@@ -52,13 +52,7 @@ def time_steps(step, state, batch, steps: int):
 def kernel_table(step, state, batch, steps: int = 3, top: int = 15) -> dict:
   """Device time per XLA operation (with the model code it came from) and per kernel,
   over `steps` steps, from the accelerator planes of JAX's profiler."""
-  import re
-
-  sources = {}
-  for line in step.as_text().splitlines():
-    found = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*op_name=\"([^\"]+)\"", line)
-    if found:
-      sources[found.group(1)] = found.group(2).replace("jit(train_step)/", "")[:120]
+  sources = bench.op_sources(step)
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir)
     for _ in range(steps):
@@ -81,13 +75,10 @@ def kernel_table(step, state, batch, steps: int = 3, top: int = 15) -> dict:
   result = {"planes": planes}
   for table, counter in by.items():
     total = sum(counter.values())
-    grouped = collections.Counter()
-    for name, ms in counter.items():
-      source = re.sub(r"block_\d+", "block_*", sources.get(name, "")) if table == "op" else ""
-      grouped[(re.sub(r"\.\d+$", "", name)[:90], source)] += ms
+    grouped = bench.group_by_source(counter, sources if table == "op" else {})
     result[f"{table}_total_ms"] = total
     result[table] = [
-      {"name": n, "source": src, "ms_per_step": ms, "share": ms / max(total, 1e-9)}
+      {"name": n[:90], "source": src[:120], "ms_per_step": ms, "share": ms / max(total, 1e-9)}
       for (n, src), ms in grouped.most_common(top)
     ]
   return result

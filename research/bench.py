@@ -343,7 +343,9 @@ def section_input(families, smoke: bool, windows: int) -> dict:
     sharding = prepared.exp.batch_sharding
     feeder = parallel.BatchFeeder(loader, sharding, config.data.device_resident_mb)
     resident = parallel.BatchFeeder(loader, sharding, device_resident_mb=2**20)
-    sources = {"fixed": lambda step: fixed, "feeder": feeder, "resident": resident}
+    sources = {"fixed": lambda step: fixed, "feeder": feeder}
+    if resident.device_resident:  # not with per-batch augmentation
+      sources["resident"] = resident
     count = 0
 
     def run(source) -> float:
@@ -371,12 +373,13 @@ def section_input(families, smoke: bool, windows: int) -> dict:
       "shape": describe(config),
       "pp_train": config.data.pp_train,
       "device_resident": feeder.device_resident,
-      "resident_possible": resident.device_resident,
       "loader_examples_per_sec": loader_rate,
       "step_examples_per_sec": rate["fixed"] * config.global_batch_size,
       "train_examples_per_sec": rate["feeder"] * config.global_batch_size,
       "wait_fraction": max(0.0, 1.0 - rate["feeder"] / rate["fixed"]),
-      "resident_wait_fraction": max(0.0, 1.0 - rate["resident"] / rate["fixed"]),
+      "resident_wait_fraction": (
+        max(0.0, 1.0 - rate["resident"] / rate["fixed"]) if "resident" in rate else None
+      ),
     }
     logging.info("input %s: %s", family, rows[family])
   return rows
@@ -542,6 +545,31 @@ def section_profile(families, smoke: bool) -> dict:
   return rows
 
 
+def op_sources(compiled) -> dict[str, str]:
+  """XLA operation name -> the model code it came from (its op_name metadata)."""
+  import re
+
+  sources = {}
+  for line in compiled.as_text().splitlines():
+    found = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*op_name=\"([^\"]+)\"", line)
+    if found:
+      sources[found.group(1)] = found.group(2).replace("jit(train_step)/", "")
+  return sources
+
+
+def group_by_source(per_op: dict[str, float], sources: dict[str, str]):
+  """Times per (operation kind, model code), layers alike: block_3 -> block_*,
+  fusion.12 -> fusion."""
+  import collections
+  import re
+
+  grouped = collections.Counter()
+  for name, ms in per_op.items():
+    source = re.sub(r"block_\d+", "block_*", sources.get(name, ""))
+    grouped[(re.sub(r"\.\d+$", "", name), source)] += ms
+  return grouped
+
+
 def profile_row(family: str, smoke: bool) -> dict:
   """JAX's profiler over a few train steps: CPU time per XLA operation (summed over
   threads), grouped by the model code each came from."""
@@ -554,11 +582,7 @@ def profile_row(family: str, smoke: bool) -> dict:
   prepared = FrameworkStep.build(family, smoke)
   config, state, batch = prepared.config, prepared.state, prepared.batch
   compiled = prepared.step.lower(state, batch).compile()
-  sources = {}
-  for line in compiled.as_text().splitlines():
-    found = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*op_name=\"([^\"]+)\"", line)
-    if found:
-      sources[found.group(1)] = found.group(2).replace("jit(train_step)/", "")
+  sources = op_sources(compiled)
   for _ in range(2):
     state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
@@ -582,10 +606,7 @@ def profile_row(family: str, smoke: bool) -> dict:
         if event.name in sources or not re.search(r"Thunk|ThreadPool|Await", event.name):
           per_op[event.name] += event.duration_ns / 1e6 / steps
   total = sum(per_op.values())
-  grouped = collections.Counter()  # layers alike: block_3 -> block_*, fusion.12 -> fusion
-  for name, ms in per_op.items():
-    source = re.sub(r"block_\d+", "block_*", sources.get(name, ""))
-    grouped[(re.sub(r"\.\d+$", "", name), source)] += ms
+  grouped = group_by_source(per_op, sources)
   return {
     "shape": describe(config),
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -758,8 +779,6 @@ def report(results: dict) -> str:
     ]
     for family, r in data.items():
       resident = r.get("resident_wait_fraction")
-      if not r.get("resident_possible", True):
-        resident = None  # augmentation per batch: always fed from the host
       lines.append(
         f"| {family} | `{r['pp_train'] or '-'}` "
         f"| {r['loader_examples_per_sec']:.0f} "

@@ -122,10 +122,6 @@ class Attention(nn.Module):
     """jax.nn.dot_product_attention: on GPUs, cuDNN's flash attention (no L x L
     matrix in memory; causal blocks skipped) under `implementation="cudnn"` or
     "auto" in bf16; XLA's own elsewhere. No dropout on the attention weights."""
-    if self.implementation not in ATTENTION_IMPLS:
-      raise ValueError(
-        f"model.attention={self.implementation!r}: valid: {', '.join(ATTENTION_IMPLS)}"
-      )
     if train and self.dropout > 0:
       raise ValueError(
         f"model.attention={self.implementation!r} has no attention dropout: "
@@ -206,6 +202,8 @@ class TransformerLM(nn.Module):
         f"model.positions={self.positions!r} (valid: {', '.join(POSITIONS)}), "
         f"model.norm={self.norm!r} (valid: {', '.join(NORMS)})"
       )
+    if self.attention not in ATTENTION_IMPLS:
+      raise ValueError(f"model.attention={self.attention!r}: valid: {', '.join(ATTENTION_IMPLS)}")
     if self.embed_dim % self.num_heads:
       raise ValueError(f"model.embed_dim={self.embed_dim} is not divisible by num_heads")
     length = tokens_BxL.shape[1]
