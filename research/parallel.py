@@ -97,18 +97,22 @@ def global_batch(
 
 
 class BatchFeeder:
-  """`feeder(step)`: the global batch of `step`, sharded over the batch axes.
+  """The training batches of research.train's step, in one of two forms.
 
-  A step-indexed in-memory dataset (loader.StepLoader) with no per-batch
-  preprocessing and at most `device_resident_mb` of arrays is put on every
-  device once; each step then sends only its example indices (the loader's,
-  so the batches are the same bytes) and a jitted gather builds the batch on
-  the devices. Otherwise (and by default: config.data.device_resident_mb=0)
-  the loader's rows are placed as `global_batch` does. Measured by
-  research.bench, the gather's extra dispatch costs what the copy saved: on
-  the 2-core CPU the MLP waited 6.8-8.3% with it and 4.1-4.7% without (two
-  runs); on an H200, 77.0% and 76.1% (0.15 ms steps, bound by Python's
-  dispatches).
+  `feeder.wrap(step_fn)` turns `step_fn(state, batch)` into `fn(state, *feeder(step))`,
+  and `feeder.shardings` are the shardings of `feeder(step)`'s arguments:
+
+  - Held on the device: a step-indexed in-memory dataset (loader.StepLoader) with
+    no per-batch preprocessing and at most `device_resident_mb` of arrays is put
+    on every device once, with the example order of the epochs in use (the
+    loader's permutations, sent once per epoch). The jitted step computes its
+    batch's indices from `state.step` as the loader does and gathers the batch
+    itself (the same bytes as the loader's), so a step sends nothing.
+  - Fed from the host: the loader's rows. On one process they go to the jitted
+    step as numpy arrays (jit's own transfer costs less host time than
+    `jax.device_put`); on several, `global_batch` assembles them.
+
+  research.bench measures both (config.data.device_resident_mb has the figures).
   """
 
   def __init__(self, loader, sharding: NamedSharding, device_resident_mb: float):
@@ -123,27 +127,71 @@ class BatchFeeder:
       and in_memory
       and loader.pipeline is None
       and 0 < self.nbytes <= device_resident_mb * 2**20
+      # a batch spans at most two epochs; positions in an epoch fit int32
+      and loader.global_batch_size <= loader.num_examples
+      and loader.global_batch_size * loader.num_examples < 2**31
     )
+    self.shardings = (sharding,)
     if self.device_resident:
-      replicated = NamedSharding(sharding.mesh, PartitionSpec())
-      self.arrays = jax.device_put(arrays, replicated)
-      self.index_sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[:1]))
-      self.gather = jax.jit(
-        lambda arrays, indices: {key: value[indices] for key, value in arrays.items()},
-        out_shardings=sharding,
-      )
+      self.replicated = NamedSharding(sharding.mesh, PartitionSpec())
+      self.arrays = jax.device_put(arrays, self.replicated)
+      self.shardings = (self.replicated, self.replicated)
+      self._orders = (None, None)  # (first epoch, its and the next epoch's order on device)
 
-  def __call__(self, step: int) -> dict[str, jax.Array]:
+  def gather(self, step, arrays, orders) -> dict[str, jax.Array]:
+    """(Traced) the global batch of `step` from the arrays on the device: the indices
+    of loader.StepLoader.global_indices, computed in int32 without overflow."""
+    import jax.numpy as jnp
+
+    size, count = self.loader.global_batch_size, self.loader.num_examples
+    # position = step * size + i = (q * count + r) * size + i, with step = q * count + r
+    q, r = jnp.divmod(jnp.asarray(step, jnp.int32), count)
+    epoch_in_step, offset = jnp.divmod(r * size + jnp.arange(size, dtype=jnp.int32), count)
+    epoch = q * size + epoch_in_step
+    indices = orders["permutations"][epoch - orders["first_epoch"], offset]
+    return {
+      key: jax.lax.with_sharding_constraint(value[indices], self.sharding)
+      for key, value in arrays.items()
+    }
+
+  def wrap(self, step_fn):
+    """`step_fn(state, batch)` as a function of `(state, *self(step))`."""
+    if not self.device_resident:
+      return step_fn
+
+    def gather_and_step(state, arrays, orders):
+      return step_fn(state, self.gather(state.step, arrays, orders))
+
+    return gather_and_step
+
+  def batch(self, step: int) -> dict[str, jax.Array]:
+    """The global batch of `step` as device arrays (for tests and tools)."""
     if not self.device_resident:
       return global_batch(self.loader(step), self.sharding)
-    indices = self.loader.global_indices(step).astype(np.int32)
-    if jax.process_count() == 1:
-      indices = jax.device_put(indices, self.index_sharding)
-    else:
-      indices = jax.make_array_from_callback(
-        indices.shape, self.index_sharding, lambda index: indices[index]
+    if not hasattr(self, "_gather"):
+      self._gather = jax.jit(self.gather, out_shardings=self.sharding)
+    return self._gather(np.int32(step), *self(step))
+
+  def __call__(self, step: int) -> tuple:
+    """The arguments after the state of the wrapped step for `step`."""
+    if not self.device_resident:
+      rows = self.loader(step)
+      return (rows if jax.process_count() == 1 else global_batch(rows, self.sharding),)
+    epoch = step * self.loader.global_batch_size // self.loader.num_examples
+    if self._orders[0] != epoch:  # once per epoch: this epoch's order and the next's
+      permutations = np.stack(
+        [self.loader.epoch_permutation(e).astype(np.int32) for e in (epoch, epoch + 1)]
       )
-    return self.gather(self.arrays, indices)
+      orders = {"first_epoch": np.int32(epoch), "permutations": permutations}
+      if jax.process_count() == 1:
+        orders = jax.device_put(orders, self.replicated)
+      else:
+        orders = {
+          key: jax.make_array_from_callback(value.shape, self.replicated, lambda i, v=value: v[i])
+          for key, value in orders.items()
+        }
+      self._orders = (epoch, orders)
+    return (self.arrays, self._orders[1])
 
 
 # --- Multi-process.

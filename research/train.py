@@ -90,30 +90,35 @@ def halt_if_nonfinite(pending_metrics: list[dict], flags, first_step: int) -> No
       )
 
 
-def jit_train_step(exp):
+def jit_train_step(exp, feeder=None):
   """The experiment's train step, jitted with the state's and the batch's shardings
-  (the state is donated: updated in place)."""
+  (the state is donated: updated in place): `step(state, batch)`, or with a
+  parallel.BatchFeeder, `step(state, *feeder(step_number))`."""
   import jax
 
   from research import experiment, transfer
   from research import step as step_lib
 
   config = exp.config
+  step_fn = step_lib.make_train_step(
+    exp.model,
+    exp.tx,
+    exp.loss_fn,
+    exp.schedule,
+    experiment.rng_for(config.seed, "dropout"),
+    config.optimizer.l1_penalty,
+    config.optimizer.l2_penalty,
+    skip_nonfinite=config.nan_policy == "skip",
+    sharding_context=exp.activations,
+    microbatches=config.grad_accum_steps,
+    train_model_state=transfer.trains_model_state(config.init),
+  )
+  feed_shardings = (exp.batch_sharding,)
+  if feeder is not None:
+    step_fn, feed_shardings = feeder.wrap(step_fn), feeder.shardings
   return jax.jit(
-    step_lib.make_train_step(
-      exp.model,
-      exp.tx,
-      exp.loss_fn,
-      exp.schedule,
-      experiment.rng_for(config.seed, "dropout"),
-      config.optimizer.l1_penalty,
-      config.optimizer.l2_penalty,
-      skip_nonfinite=config.nan_policy == "skip",
-      sharding_context=exp.activations,
-      microbatches=config.grad_accum_steps,
-      train_model_state=transfer.trains_model_state(config.init),
-    ),
-    in_shardings=(exp.state_sharding, exp.batch_sharding),
+    step_fn,
+    in_shardings=(exp.state_sharding, *feed_shardings),
     out_shardings=(exp.state_sharding, exp.replicated),
     donate_argnums=(0,),
   )
@@ -180,12 +185,12 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
       f"# Sharding over mesh {dict(exp.mesh.shape)}\n\n{sharding_table}\n"
     )
 
-  train_step = jit_train_step(exp)
   evaluation = evaluators.Evaluation(exp, output_dir=workdir)
   train_loader = exp.dataset.train_loader(
     config.global_batch_size, config.seed, process_index, exp.process_count
   )
   feeder = parallel.BatchFeeder(train_loader, exp.batch_sharding, config.data.device_resident_mb)
+  train_step = jit_train_step(exp, feeder)
   if feeder.device_resident:
     logging.info(
       "training data: %.1f MB held on every device, batches gathered there", feeder.nbytes / 1e6
@@ -198,17 +203,17 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   t_loop = time.perf_counter()
   try:
     for step in range(start_step, total_steps):
-      batch = feeder(step)
+      feed = feeder(step)  # the batch, or its indices into the arrays on the device
       if step == start_step:  # XLA's FLOP count for MFU; the call below reuses this compile
         t_lower = time.perf_counter()
-        lowered = train_step.lower(state, batch)
+        lowered = train_step.lower(state, *feed)
         t_compile = time.perf_counter()
         first_compiled = lowered.compile()  # from the persistent cache on a second start
         logging.info(
           "[TIMING] first step: trace + lower %.2fs, compile %.2fs",
           t_compile - t_lower, time.perf_counter() - t_compile,
         )  # fmt: skip
-      state, step_metrics = train_step(state, batch)  # a new shape (length buckets) retraces
+      state, step_metrics = train_step(state, *feed)  # a new shape (length buckets) retraces
       ckpt.check()  # a failed background save stops the run here, not at the next save
       pending.append(step_metrics)
       done = step + 1

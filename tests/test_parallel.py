@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 import sys
@@ -67,9 +68,9 @@ def test_data_parallel_on_8_devices_matches_one_device(
 ):
   """One device fed from the host, eight gathering batches from MNIST held on each."""
   del mnist  # prepared by the session fixture
-  one = _run(tmp_path / "one", tfds_data_dir, mnist_raw_dir, 1)  # the default: host-fed
-  resident = "--config.data.device_resident_mb=100"
-  eight = _run(tmp_path / "eight", tfds_data_dir, mnist_raw_dir, 8, resident)
+  host = "--config.data.device_resident_mb=0"
+  one = _run(tmp_path / "one", tfds_data_dir, mnist_raw_dir, 1, host)
+  eight = _run(tmp_path / "eight", tfds_data_dir, mnist_raw_dir, 8)  # the default: held
   config_eight = (tmp_path / "eight" / "config.json").read_text()
   assert '"data": 8' in config_eight
   losses = lambda records: [r["metrics"]["loss"] for r in records if r["split"] == "train"]
@@ -97,14 +98,28 @@ def test_batch_feeder_gathers_the_loaders_batches_on_the_device():
   feeder = parallel.BatchFeeder(plain, sharding, device_resident_mb=1)
   assert feeder.device_resident
   for step in (0, 2, 3, 7):  # step 3 spans the end of the first epoch
-    got, want = feeder(step), plain(step)
+    got, want = feeder.batch(step), plain(step)
     assert got["inputs"].sharding == sharding
     for key in arrays:
       np.testing.assert_array_equal(np.asarray(got[key]), want[key])
+  # Nothing is sent per step within an epoch: the wrapped step gathers its batch
+  # by `state.step`, with indices computed as the loader computes them.
+  assert feeder(0)[1] is feeder(1)[1] and feeder(0)[0] is feeder.arrays
+  State = collections.namedtuple("State", "step")
+  step_fn = lambda state, batch: (State(state.step + 1), batch["targets"])  # noqa: E731
+  wrapped = jax.jit(feeder.wrap(step_fn), in_shardings=(None, *feeder.shardings))
+  state = State(np.int32(0))
+  for step in range(12):  # several epochs of 50 examples in batches of 16
+    state, targets = wrapped(state, *feeder(step))
+    np.testing.assert_array_equal(np.asarray(targets), plain(step)["targets"])
+  big = loader.StepLoader(arrays, 40_000_000, seed=3)  # positions overflow int32: host-fed
+  assert not parallel.BatchFeeder(big, sharding, 1).device_resident
   # Host-fed: per-batch preprocessing, too large a dataset, or turned off.
   augmented = loader.StepLoader(arrays, 16, 3, pipeline=preprocess.Pipeline("flip_lr"))
   assert not parallel.BatchFeeder(augmented, sharding, 1).device_resident
   assert not parallel.BatchFeeder(plain, sharding, 0).device_resident
   assert not parallel.BatchFeeder(plain, sharding, 1e-4).device_resident  # 1 kB > 105 B
-  host = parallel.BatchFeeder(plain, sharding, 0)(3)
-  np.testing.assert_array_equal(np.asarray(host["inputs"]), plain(3)["inputs"])
+  host = parallel.BatchFeeder(plain, sharding, 0)
+  assert host.wrap(step_fn) is step_fn and host.shardings == (sharding,)
+  np.testing.assert_array_equal(host(3)[0]["inputs"], plain(3)["inputs"])  # numpy to jit
+  np.testing.assert_array_equal(np.asarray(host.batch(3)["inputs"]), plain(3)["inputs"])
