@@ -7,6 +7,10 @@
 #   3. python -m research.bench: input, checkpoint, startup, speed (vs PyTorch on the
 #      GPU), mfu: the CPU benchmark's sections at the same sizes.
 #
+#   4. with PROFILE=1 only (instead of 1-3, to fit one 10-minute device call):
+#      launch/gpu_lm_profile.py, the LM's step by attention variant and its per-kernel
+#      profile (written as soon as the first variant has run).
+#
 #   OUT=results/gpu bash launch/gpu_benchmarks.sh        # SMOKE=1: tiny sizes (CPU check)
 #
 # Needs prepared TFDS data for mnist, fashion_mnist and tiny_shakespeare in
@@ -36,6 +40,17 @@ if [ "$SMOKE" = 1 ]; then
     --config.data.seq_len=32 --config.global_batch_size=2 --config.eval_batch_size=4)
   cnn+=(--config.num_train_steps=300 --config.model.conv_features="(4,8)")
   bench+=(--smoke)
+fi
+
+if [ "${PROFILE:-0}" = 1 ]; then
+  echo "== 4. GPT-2-small-shaped LM: attention variants and per-kernel profile"
+  smoke_flag=()
+  [ "$SMOKE" = 1 ] && smoke_flag=(--smoke)
+  timeout 540 "$PY" launch/gpu_lm_profile.py "$OUT" "${smoke_flag[@]}" > "$OUT/lm_profile.log" 2>&1
+  echo "exit $?"
+  grep -v "^[IWE][0-9]" "$OUT/lm_profile.log" | tail -n 40
+  rm -rf "$work"
+  exit 0
 fi
 
 echo "== 1. GPT-2-small-shaped LM, bf16"

@@ -84,12 +84,22 @@ def kernel_table(step, state, batch, steps: int = 3, top: int = 15) -> dict:
   return result
 
 
+def print_kernels(kernels: dict) -> None:
+  for table in ("op", "kernel"):
+    print(f"-- per {table}: {kernels[f'{table}_total_ms']:.1f} ms per step", flush=True)
+    for r in kernels[table]:
+      print(f"{r['ms_per_step']:8.2f} ms {100 * r['share']:5.1f}% {r['name']}  {r['source']}")
+
+
 def main():
+  """The first variant that runs is profiled at once, and the JSON is rewritten after
+  every variant: a run stopped by its time limit (a slow cuDNN compile) keeps both."""
   out = Path(sys.argv[1])
   smoke = "--smoke" in sys.argv
   out.mkdir(parents=True, exist_ok=True)
   results = {"device": str(jax.devices()[0].device_kind), "variants": []}
-  variants = [("xla", 32), ("cudnn", 32), ("einsum", 32), ("cudnn", 64)]
+  write = lambda: (out / "lm_profile.json").write_text(json.dumps(results, indent=1) + "\n")  # noqa: E731
+  variants = [("xla", 32), ("einsum", 32), ("cudnn", 32), ("cudnn", 64)]
   best = None
   for attention, batch in variants:
     try:
@@ -98,6 +108,7 @@ def main():
     except Exception as e:  # noqa: BLE001  a variant this machine cannot run
       results["variants"].append({"attention": attention, "batch": batch, "error": str(e)[:300]})
       print(f"{attention:7s} batch {batch}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+      write()
       continue
     model_flops = flops.config_flops(config, exp.dataset.model_kwargs)
     peak, source = flops.peak_per_device(config.dtype)
@@ -108,19 +119,14 @@ def main():
     }  # fmt: skip
     results["variants"].append(row)
     print(json.dumps(row), flush=True)
-    if best is None or row["mfu"] > best[0]["mfu"]:
-      best = (row, step, state, arrays)
+    first = "kernels" not in results
+    if first or row["mfu"] > best["mfu"]:
+      best = row
+      results["profile_of"] = row
+      results["kernels"] = kernel_table(step, state, arrays)
+      print_kernels(results["kernels"])
+    write()
     del step, state
-  if best:
-    row, step, state, arrays = best
-    results["profile_of"] = row
-    results["kernels"] = kernel_table(step, state, arrays)
-    kernels = results["kernels"]
-    for table in ("op", "kernel"):
-      print(f"-- per {table}: {kernels[f'{table}_total_ms']:.1f} ms per step")
-      for r in kernels[table]:
-        print(f"{r['ms_per_step']:8.2f} ms {100 * r['share']:5.1f}% {r['name']}  {r['source']}")
-  (out / "lm_profile.json").write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":
