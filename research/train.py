@@ -192,6 +192,9 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   feeder = parallel.BatchFeeder(train_loader, exp.batch_sharding, config.data.device_resident_mb)
   train_step = jit_train_step(exp, feeder)
   if feeder.device_resident:
+    held_step = int(jax.device_get(state.step))
+    if held_step != start_step:  # the step gathers its batch by state.step
+      raise RuntimeError(f"the train state is at step {held_step}, the loop at {start_step}")
     logging.info(
       "training data: %.1f MB held on every device, batches gathered there", feeder.nbytes / 1e6
     )
