@@ -21,6 +21,9 @@ def main():
 
   def save_on_a_full_disk(self, at_step, state, metadata):
     if at_step >= step:
+      # Earlier saves finish first: only writes from STEP on meet the full disk (fast
+      # steps can reach STEP while the previous save is still writing).
+      self._finish()
       resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
     return save(self, at_step, state, metadata)
 
