@@ -11,14 +11,16 @@ accuracy 98%). Regularised 20-epoch variants trailed
 it by 1-3 points at every evaluation until stopped (`:crop=1,stochastic_depth=0.1`
 at 5,600 steps; `:pool=mean,stochastic_depth=0.1` at 6,600).
 Variants: `fashion_mnist_vit.py:epochs=10`, `:pool=mean`, `:crop=1` (pad 2, random
-crop, flips), `:stochastic_depth=0.1`.
+crop, flips), `:stochastic_depth=0.1`, `:posemb=sincos2d` (fixed 2-D positions).
 """
 
 from research import config as config_lib
 
 
 def get_config(arg=None):
-  options = config_lib.parse_arg(arg, epochs=20.0, pool="cls", crop=False, stochastic_depth=0.0)
+  options = config_lib.parse_arg(
+    arg, epochs=20.0, pool="cls", crop=False, stochastic_depth=0.0, posemb="learned"
+  )
   config = config_lib.base()
   config.data.name = "fashion_mnist"
   config.data.raw_dir = config_lib.raw_data_dir("fashion-mnist")
@@ -26,6 +28,7 @@ def get_config(arg=None):
   config.model = config_lib.entry(
     "model", "vit", patch_size=4, num_layers=6, num_heads=4, embed_dim=128, mlp_ratio=2,
     pool=options.pool, stochastic_depth=options.stochastic_depth,
+    position_embedding=options.posemb,
   )  # fmt: skip
   config.loss.label_smoothing = 0.1
   config.optimizer = config_lib.entry(

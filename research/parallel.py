@@ -132,6 +132,7 @@ class BatchFeeder:
       and loader.global_batch_size * loader.num_examples < 2**31
     )
     self.shardings = (sharding,)
+    self._gather = None  # batch()'s jitted gather, built on first use
     if self.device_resident:
       self.replicated = NamedSharding(sharding.mesh, PartitionSpec())
       self.arrays = jax.device_put(arrays, self.replicated)
@@ -168,7 +169,7 @@ class BatchFeeder:
     """The global batch of `step` as device arrays (for tests and tools)."""
     if not self.device_resident:
       return global_batch(self.loader(step), self.sharding)
-    if not hasattr(self, "_gather"):
+    if self._gather is None:
       self._gather = jax.jit(self.gather, out_shardings=self.sharding)
     return self._gather(np.int32(step), *self(step))
 
@@ -183,14 +184,8 @@ class BatchFeeder:
         [self.loader.epoch_permutation(e).astype(np.int32) for e in (epoch, epoch + 1)]
       )
       orders = {"first_epoch": np.int32(epoch), "permutations": permutations}
-      if jax.process_count() == 1:
-        orders = jax.device_put(orders, self.replicated)
-      else:
-        orders = {
-          key: jax.make_array_from_callback(value.shape, self.replicated, lambda i, v=value: v[i])
-          for key, value in orders.items()
-        }
-      self._orders = (epoch, orders)
+      # every process computes the same orders: placed like the arrays in __init__
+      self._orders = (epoch, jax.device_put(orders, self.replicated))
     return (self.arrays, self._orders[1])
 
 

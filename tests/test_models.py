@@ -80,6 +80,7 @@ def test_param_counts_match_the_architectures():
   vit = dict(patch_size=4, num_layers=6, num_heads=4, embed_dim=128, mlp_ratio=2)
   assert count("vit", **vit) == 2_176 + 128 + 6_400 + 6 * block + 128 + 1_290 == 798_090
   assert count("vit", **vit, pool="mean") == 798_090 - 128 - 128  # no class token or its position
+  assert count("vit", **vit, position_embedding="sincos2d") == 798_090 - 6_400  # fixed positions
 
 
 @pytest.mark.parametrize(
@@ -127,6 +128,30 @@ def test_vit_patches_are_row_major_and_see_the_whole_image():
   variables = model.init(jax.random.key(0), x_BxHxWxC, train=False)
   y = model.apply(variables, x_BxHxWxC)
   assert not np.allclose(y, model.apply(variables, x_BxHxWxC.at[:, 4:, 4:].add(1.0)))
+
+
+def test_sincos2d_positions_encode_row_and_column():
+  from research.models import vit
+
+  pe_MxD = np.asarray(vit.sincos_2d(3, 5, 16))
+  assert pe_MxD.shape == (15, 16)
+  # Position (row 0, column 0): sin 0 = 0 and cos 0 = 1 in each quarter.
+  np.testing.assert_allclose(pe_MxD[0], [0] * 4 + [1] * 4 + [0] * 4 + [1] * 4, atol=1e-7)
+  # Row-major positions: index 7 is row 1, column 2; the fastest frequency is 1 radian.
+  np.testing.assert_allclose(pe_MxD[7, [0, 4, 8, 12]], [np.sin(2), np.cos(2), np.sin(1), np.cos(1)])
+  assert len({tuple(np.round(row, 5)) for row in pe_MxD}) == 15  # every position distinct
+  with pytest.raises(ValueError, match="multiple of 4"):
+    vit.sincos_2d(2, 2, 18)
+  model = registry.models.get("vit")(num_layers=1, embed_dim=16, num_heads=2, patch_size=4,
+                                     position_embedding="sincos2d", pool="mean")  # fmt: skip
+  x_BxHxWxC = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+  variables = model.init(jax.random.key(0), x_BxHxWxC, train=False)
+  assert "position_embedding" not in variables["params"]
+  # Mean pooling is permutation-invariant: only the positions tell swapped patches apart.
+  swapped = jnp.concatenate([x_BxHxWxC[:, :, 4:], x_BxHxWxC[:, :, :4]], axis=2)
+  assert not np.allclose(model.apply(variables, x_BxHxWxC), model.apply(variables, swapped))
+  with pytest.raises(ValueError, match="position_embedding='rope'"):
+    registry.models.get("vit")(position_embedding="rope").init(jax.random.key(0), x_BxHxWxC)
 
 
 @pytest.mark.parametrize("padding", ["VALID", "SAME"])

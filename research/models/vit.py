@@ -18,6 +18,22 @@ from research.models import layers
 from research.models.transformer import Attention, MLPBlock, _init, _norm
 
 POOLS = ("cls", "mean")
+POSITION_EMBEDDINGS = ("learned", "sincos2d")
+
+
+def sincos_2d(rows: int, cols: int, width: int, temperature: float = 10_000.0) -> jax.Array:
+  """Fixed 2-D position embeddings (rows*cols, width): a quarter of the width each for
+  sin and cos of the column, then of the row, at geometric frequencies (as big_vision's
+  posemb="sincos2d", from "Better plain ViT baselines", Beyer et al. 2022)."""
+  if width % 4:
+    raise ValueError(f"model.embed_dim={width}: sincos2d position embeddings need a multiple of 4")
+  row_M, col_M = (a.reshape(-1) for a in jnp.mgrid[:rows, :cols])
+  quarter = width // 4
+  omega_Q = temperature ** -(jnp.arange(quarter) / max(quarter - 1, 1))
+  col_MxQ, row_MxQ = col_M[:, None] * omega_Q, row_M[:, None] * omega_Q
+  return jnp.concatenate(
+    [jnp.sin(col_MxQ), jnp.cos(col_MxQ), jnp.sin(row_MxQ), jnp.cos(row_MxQ)], axis=1
+  )
 
 
 class EncoderBlock(nn.Module):
@@ -69,6 +85,7 @@ class ViT(nn.Module):
   embed_dim: int = 128
   mlp_ratio: int = 4
   pool: str = "cls"  # or "mean" over the patch tokens
+  position_embedding: str = "learned"  # or "sincos2d": fixed, on the patch tokens only
   dropout: float = 0.0
   stochastic_depth: float = 0.0  # drop rate of the last block; earlier blocks scale linearly
   dtype: str = "float32"
@@ -77,19 +94,28 @@ class ViT(nn.Module):
   def __call__(self, x_BxHxWxC: jax.Array, *, train: bool = False) -> jax.Array:
     if self.pool not in POOLS:
       raise ValueError(f"model.pool={self.pool!r}: valid: {', '.join(POOLS)}")
+    if self.position_embedding not in POSITION_EMBEDDINGS:
+      raise ValueError(
+        f"model.position_embedding={self.position_embedding!r}: valid: "
+        + ", ".join(POSITION_EMBEDDINGS)
+      )
     if self.embed_dim % self.num_heads:
       raise ValueError(f"model.embed_dim={self.embed_dim} is not divisible by num_heads")
     dtype = layers.compute_dtype(self.dtype)
     patches_BxNxF = patchify(x_BxHxWxC.astype(dtype), self.patch_size)
     x_BxNxD = layers.dense(self.embed_dim, (None, "embed"), dtype, "patch_embedding")(patches_BxNxF)
+    if self.position_embedding == "sincos2d":  # before the class token, which gets none
+      rows, cols = (size // self.patch_size for size in x_BxHxWxC.shape[1:3])
+      x_BxNxD = x_BxNxD + sincos_2d(rows, cols, self.embed_dim).astype(dtype)
     if self.pool == "cls":
       cls_1x1xD = self.param("cls", _init(0.02, (None, None, "embed")), (1, 1, self.embed_dim))
       cls_Bx1xD = jnp.broadcast_to(cls_1x1xD, (x_BxNxD.shape[0], 1, self.embed_dim))
       x_BxNxD = jnp.concatenate([cls_Bx1xD.astype(dtype), x_BxNxD], axis=1)
-    positions_NxD = self.param(
-      "position_embedding", _init(0.02, (None, "embed")), x_BxNxD.shape[1:]
-    )
-    x_BxNxD = x_BxNxD + positions_NxD.astype(dtype)
+    if self.position_embedding == "learned":
+      positions_NxD = self.param(
+        "position_embedding", _init(0.02, (None, "embed")), x_BxNxD.shape[1:]
+      )
+      x_BxNxD = x_BxNxD + positions_NxD.astype(dtype)
     x_BxNxD = nn.Dropout(self.dropout, deterministic=not train)(x_BxNxD)
     x_BxNxD = layers.constrain(x_BxNxD, ("batch", None, "embed"))
     out_stddev = 0.02 / (2 * self.num_layers) ** 0.5
