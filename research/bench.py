@@ -364,19 +364,31 @@ def section_input(families, smoke: bool, windows: int) -> dict:
       run(step_fn, source, window)  # compile
     if not smoke:  # windows of >= 1 s: millisecond steps are noisy on a shared CPU
       window = max(window, math.ceil(window / run(*fed["fixed"], window)))
-    timed = {name: [] for name in fed}
+    # Fixed-batch windows bracket each round of fed windows (F H R F H R ... F); a fed
+    # window's rate is compared with the mean of the fixed rates either side of it, and
+    # the median of those ratios is the one reported: a drift in the shared machine's
+    # speed over a round cancels.
+    fixed_rates = [window / run(*fed["fixed"], window)]
+    fed_rates = {name: [] for name in fed if name != "fixed"}
     for _ in range(windows):
-      for name, (step_fn, source) in fed.items():
-        timed[name].append((window, run(step_fn, source, window)))
+      for name in fed_rates:
+        fed_rates[name].append(window / run(*fed[name], window))
+      fixed_rates.append(window / run(*fed["fixed"], window))
+    ratios = {
+      name: [
+        r / ((a + b) / 2) for r, a, b in zip(rates, fixed_rates, fixed_rates[1:], strict=False)
+      ]
+      for name, rates in fed_rates.items()
+    }
     t0, n = time.perf_counter(), 0
     while time.perf_counter() - t0 < (0.2 if smoke else 2.0):
       loader(10_000 + n)
       n += 1
     loader_rate = n * config.global_batch_size / (time.perf_counter() - t0)
-    rate = {name: median_rate(windows) for name, windows in timed.items()}
+    fixed_rate = statistics.median(fixed_rates)
+    ratio = {name: statistics.median(values) for name, values in ratios.items()}
     wait = {
-      name: max(0.0, 1.0 - rate[name] / rate["fixed"]) if name in rate else None
-      for name in ("host", "resident")
+      name: max(0.0, 1.0 - ratio[name]) if name in ratio else None for name in ("host", "resident")
     }
     used = "resident" if feeder.device_resident else "host"
     rows[family] = {
@@ -385,11 +397,12 @@ def section_input(families, smoke: bool, windows: int) -> dict:
       "device_resident": feeder.device_resident,
       "window_steps": window,
       "loader_examples_per_sec": loader_rate,
-      "step_examples_per_sec": rate["fixed"] * config.global_batch_size,
-      "train_examples_per_sec": rate[used] * config.global_batch_size,
+      "step_examples_per_sec": fixed_rate * config.global_batch_size,
+      "train_examples_per_sec": fixed_rate * ratio[used] * config.global_batch_size,
       "wait_fraction": wait[used],
       "host_wait_fraction": wait["host"],
       "resident_wait_fraction": wait["resident"],
+      "window_rate_over_fixed": ratios,
     }
     logging.info("input %s: %s", family, rows[family])
   return rows
@@ -779,7 +792,9 @@ def report(results: dict) -> str:
       "## Input pipeline",
       "",
       f"Goal: {GOALS['input']}. Waiting = 1 - (steps/s with the batches research.train "
-      "feeds) / (steps/s fed one batch already on the device). `parallel.BatchFeeder` "
+      "feeds) / (steps/s fed one batch already on the device), the median over windows of "
+      "each fed window's rate over the mean of the fixed-batch windows either side of it. "
+      "`parallel.BatchFeeder` "
       "holds an in-memory dataset without per-batch augmentation on the device and the "
       "step gathers its batch there (up to `config.data.device_resident_mb`); otherwise "
       "each step's rows come from the host. Both forms are timed; **waiting** is the one "

@@ -135,7 +135,11 @@ class BatchFeeder:
     self._gather = None  # batch()'s jitted gather, built on first use
     if self.device_resident:
       self.replicated = NamedSharding(sharding.mesh, PartitionSpec())
-      self.arrays = jax.device_put(arrays, self.replicated)
+      # Rows as (N, features): XLA's CPU gather copies whole rows of a 2-D array
+      # ~3.5x faster than the same rows of (N, 28, 28, 1) (50 vs 175 us, MNIST batch 128).
+      self.row_shapes = {key: value.shape[1:] for key, value in arrays.items()}
+      rows = {key: value.reshape(len(value), -1) for key, value in arrays.items()}
+      self.arrays = jax.device_put(rows, self.replicated)
       self.shardings = (self.replicated, self.replicated)
       self._orders = (None, None)  # (first epoch, its and the next epoch's order on device)
 
@@ -151,7 +155,9 @@ class BatchFeeder:
     epoch = q * size + epoch_in_step
     indices = orders["permutations"][epoch - orders["first_epoch"], offset]
     return {
-      key: jax.lax.with_sharding_constraint(value[indices], self.sharding)
+      key: jax.lax.with_sharding_constraint(
+        value[indices].reshape((size,) + self.row_shapes[key]), self.sharding
+      )
       for key, value in arrays.items()
     }
 
