@@ -181,22 +181,41 @@ class HandLoop:
     return time.perf_counter() - t0
 
 
-def framework_windows(config, window: int, windows: int, workdir: Path) -> list[tuple[int, float]]:
-  """research.train on `config` for windows + 1 log intervals of `window` steps;
-  (steps, seconds) of every interval after the first, from its metrics.jsonl."""
-  from research import metrics, train
+def bracketed_windows(config, window: int, windows: int, workdir: Path, hand: HandLoop):
+  """research.train on `config` for windows + 1 log intervals of `window` steps, with a
+  window of the hand loop's after every log line (the framework's on_log hook) but the
+  last, and one after the run. Returns (framework, hand) lists of (steps, seconds):
+  framework interval k (the loop's steps, its metrics fetch and log line) sits between
+  hand windows k and k + 1; the first interval (compilation) is not timed."""
+  from research import train
 
   config = config.copy_and_resolve_references()
   config.num_train_steps = window * (windows + 1)
   config.log_every_steps = window
   config.checkpoint_every_steps = config.num_train_steps
-  train.train_and_evaluate(config, str(workdir))
-  records = [r for r in metrics.read_jsonl(workdir / "metrics.jsonl") if r["split"] == "train"]
-  records.sort(key=lambda r: r["step"])
-  return [
-    (b["step"] - a["step"], b["time"] - a["time"])
-    for a, b in zip(records, records[1:], strict=False)
-  ]
+  framework, hand_windows, resumed = [], [], []
+
+  def between(step, metrics):
+    del metrics
+    now = time.perf_counter()
+    if resumed:
+      framework.append((window, now - resumed[-1]))
+    if step < config.num_train_steps:
+      hand_windows.append((window, hand.run(window)))
+    resumed.append(time.perf_counter())
+
+  train.train_and_evaluate(config, str(workdir), on_log=between)
+  hand_windows.append((window, hand.run(window)))
+  return framework, hand_windows
+
+
+def bracketed_ratio(rates: list[float], neighbours: list[float]) -> tuple[float, list[float]]:
+  """Median over windows of each window's rate over the mean rate of the two windows of
+  the other kind either side of it (neighbours has one more; a drift of the shared
+  machine's speed cancels), and the per-window ratios."""
+  pairs = zip(rates, neighbours[:-1], neighbours[1:], strict=True)
+  ratios = [r / ((a + b) / 2) for r, a, b in pairs]
+  return statistics.median(ratios), ratios
 
 
 @dataclasses.dataclass
@@ -245,10 +264,11 @@ def speed_row(family: str, smoke: bool, windows: int) -> dict:
   peak = flops.measured_peak() if family == "lm" else None
   hand = HandLoop(config, dataset)
   hand.run(3)  # compile
-  hand_windows = [(window, hand.run(window)) for _ in range(windows)]
   with tempfile.TemporaryDirectory(prefix="research_bench_") as workdir:
-    framework = framework_windows(config, window, windows, Path(workdir))
-  hand_windows += [(window, hand.run(window)) for _ in range(windows)]
+    framework, hand_windows = bracketed_windows(config, window, windows, Path(workdir), hand)
+  overhead, ratios = bracketed_ratio(
+    [n / t for n, t in framework], [n / t for n, t in hand_windows]
+  )
   row = {
     "shape": describe(config),
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -256,7 +276,8 @@ def speed_row(family: str, smoke: bool, windows: int) -> dict:
     "research_steps_per_sec": median_rate(framework),
     "hand_jax_steps_per_sec": median_rate(hand_windows),
   }
-  row["overhead_ratio"] = row["research_steps_per_sec"] / row["hand_jax_steps_per_sec"]
+  row["overhead_ratio"] = overhead  # window by window: see bracketed_ratio
+  row["overhead_window_ratios"] = ratios
   if peak:
     row["peak_flops"] = max(peak, flops.measured_peak())
   if torch_models.available():
@@ -374,12 +395,7 @@ def section_input(families, smoke: bool, windows: int) -> dict:
       for name in fed_rates:
         fed_rates[name].append(window / run(*fed[name], window))
       fixed_rates.append(window / run(*fed["fixed"], window))
-    ratios = {
-      name: [
-        r / ((a + b) / 2) for r, a, b in zip(rates, fixed_rates, fixed_rates[1:], strict=False)
-      ]
-      for name, rates in fed_rates.items()
-    }
+    ratios = {name: bracketed_ratio(rates, fixed_rates)[1] for name, rates in fed_rates.items()}
     t0, n = time.perf_counter(), 0
     while time.perf_counter() - t0 < (0.2 if smoke else 2.0):
       loader(10_000 + n)

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -143,8 +144,15 @@ def speed_meter(exp, compiled, first_step: int):
   )
 
 
-def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
-  """Runs (or resumes) the experiment; returns the final eval metrics."""
+def train_and_evaluate(
+  config, workdir: str, allow_config_change: bool = False, on_log: Callable | None = None
+) -> dict:
+  """Runs (or resumes) the experiment; returns the final eval metrics.
+
+  on_log(step, metrics), if given, is called on every process after each train log
+  line, with the averaged train metrics and speed (research.bench runs its hand-written
+  loop's windows there, between the framework's).
+  """
   config_lib.validate(config)
   workdir = Path(workdir)
   from research import runtime
@@ -250,6 +258,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         writer.write(done, "train", {**averaged, **speed})
         if process_index == 0:
           metrics_lib.log_line(done, total_steps, averaged, speed)
+        if on_log is not None:
+          on_log(done, {**averaged, **speed})
       if config.eval_every_steps > 0 and done % config.eval_every_steps == 0 and done < total_steps:
         eval_metrics = evaluation(state.eval_variables(), done, final=False)
         writer.write(done, config.data.eval_split, eval_metrics)

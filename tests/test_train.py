@@ -32,11 +32,14 @@ def config(mnist, tfds_data_dir, mnist_raw_dir):
 
 
 def test_training_learns_and_writes_everything(config, tmp_path):
-  final = train.train_and_evaluate(config, str(tmp_path))
+  hooked = []
+  final = train.train_and_evaluate(config, str(tmp_path), on_log=lambda *a: hooked.append(a))
   assert final["accuracy"] > 0.85
   records = read_jsonl(tmp_path / "metrics.jsonl")
   train_losses = [r["metrics"]["loss"] for r in records if r["split"] == "train"]
   assert [r["step"] for r in records if r["split"] == "train"] == [50, 100, 150, 200]
+  assert [step for step, _ in hooked] == [50, 100, 150, 200]  # on_log: after each log line
+  assert [metrics["loss"] for _, metrics in hooked] == train_losses
   assert train_losses[-1] < 0.6 * train_losses[0]  # loss falls
   evals = [r for r in records if r["split"] == "test"]
   assert [r["step"] for r in evals] == [100, 200]
