@@ -49,6 +49,7 @@ from typing import Any
 from absl import app, flags, logging
 
 from research import config as config_lib
+from research import runtime
 
 SECTIONS = ("xla_flags", "speed", "mfu", "input", "checkpoint", "startup", "profile")
 GOALS = {
@@ -245,8 +246,6 @@ class FrameworkStep:
 
 def train_env(family: str, smoke: bool) -> dict:
   """This process's environment with the XLA flags research.train gives the family's model."""
-  from research import runtime
-
   model = family_config(family, smoke)[0].model.name
   return dict(os.environ, XLA_FLAGS=runtime.xla_flags_for(model, os.environ.get("XLA_FLAGS", "")))
 
@@ -304,7 +303,10 @@ def speed_row(family: str, smoke: bool, windows: int) -> dict:
 def in_fresh_process(call: str, env: dict) -> dict:
   """Runs `bench.<call>` in a new Python process; its result, printed as JSON."""
   repo = Path(__file__).resolve().parent.parent
-  code = f"import json; from research import bench; print(json.dumps(bench.{call}))"
+  code = (
+    "import json; from research import runtime; runtime.tune_malloc(); "
+    f"from research import bench; print(json.dumps(bench.{call}))"
+  )
   done = subprocess.run(
     [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=repo
   )
@@ -683,7 +685,7 @@ def machine() -> dict:
 def run(sections=SECTIONS, smoke: bool = False, out: str = "results/benchmarks",
         families=("mlp", "cnn", "lm"), windows: int = 5) -> dict:  # fmt: skip
   """Runs the sections; writes OUT.json and OUT.md; returns the results."""
-  from research import runtime, torch_models
+  from research import torch_models
   from research.versions import versions
 
   unknown = set(sections) - set(SECTIONS)
@@ -917,6 +919,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   values = flags.FLAGS
+  runtime.tune_malloc()  # as research.train does, before JAX starts its threads
   try:
     results = run(tuple(values.sections), values.smoke, values.out, windows=values.windows)
   except config_lib.ConfigError as e:

@@ -28,7 +28,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from research import config as config_lib
-from research import registry
+from research import registry, runtime
 
 
 def define_flags():
@@ -129,6 +129,7 @@ def main(argv):
   args = flags.FLAGS
   if not args.checkpoint:
     return config_lib.usage_error("--checkpoint is required")
+  runtime.tune_malloc()  # before JAX starts its threads
   from research.data.sources import DataError
 
   try:

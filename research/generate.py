@@ -18,6 +18,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from research import runtime
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir.")
 _STEP = flags.DEFINE_integer("step", -1, "Checkpoint step; -1: the latest.")
 _PROMPT = flags.DEFINE_string("prompt", "\n", "Text the samples continue.")
@@ -61,6 +63,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
+  runtime.tune_malloc()  # before JAX starts its threads
   import jax
   import numpy as np
 

@@ -327,6 +327,7 @@ def main(argv):
   try:
     from research import parallel, runtime
 
+    runtime.tune_malloc()  # before JAX starts its threads
     runtime.apply_xla_defaults(_CONFIG.value.model.get("name", ""))  # before JAX starts
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     train_and_evaluate(_CONFIG.value, _WORKDIR.value, _ALLOW_CONFIG_CHANGE.value)

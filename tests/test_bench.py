@@ -110,6 +110,46 @@ def test_xla_defaults_are_per_model_added_once_and_yield_to_the_user(monkeypatch
   assert os.environ["XLA_FLAGS"] == ""
 
 
+_REALLOCATE = """
+import ctypes, resource, sys, threading
+from research import runtime
+applied = runtime.tune_malloc()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+faults = []
+def work():  # on another thread, as XLA's compute threads allocate
+  for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(200 << 20)
+    ctypes.memset(block, 1, 200 << 20)
+    libc.free(block)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+print(applied, faults[-1])
+"""
+
+
+def test_tuned_malloc_reuses_a_freed_large_block_without_page_faults():
+  if not sys.platform.startswith("linux"):
+    pytest.skip("glibc malloc only")
+
+  def third_allocation(setting):
+    env = dict(os.environ, RESEARCH_MALLOC_TUNING=setting)
+    done = subprocess.run([sys.executable, "-c", _REALLOCATE], env=env, capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    applied, faults = done.stdout.split()
+    return applied == "True", int(faults)
+
+  applied, tuned = third_allocation("1")
+  if not applied:
+    pytest.skip("not glibc")
+  applied, untuned = third_allocation("0")
+  assert not applied and untuned >= 50  # 51,200 with 4 KB pages; 100 with 2 MB pages
+  assert tuned <= untuned // 20  # the same pages again
+
+
 def test_compilation_cache_writes_programs_to_its_directory(tmp_path):
   code = (
     "import research, jax, jax.numpy as jnp; from research import runtime;"

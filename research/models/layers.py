@@ -85,14 +85,18 @@ def im2col(x_BxHxWxC: jax.Array, kernel_size: int, stride: int = 1) -> jax.Array
   """(B, H, W, C) -> (B, H', W', k*k*C) patches, ordered (kernel col, kernel row, C);
   H' = (H - k) // stride + 1 (no padding here).
 
-  Built in two concatenations (rows, then columns): on XLA:CPU this and one
-  matmul run ~3x faster forward+backward than lax.conv_general_dilated
-  (measured for 128x26x26x32 -> 64 channels, 3x3: 205 ms vs 555 ms).
+  One concatenation of the k*k shifted views: on XLA:CPU this and one matmul run
+  ~3x faster forward+backward than lax.conv_general_dilated (measured for
+  128x26x26x32 -> 64 channels, 3x3: 205 ms vs 555 ms), and the MNIST CNN's train
+  step 7% faster than building it in two concatenations, rows then columns (62 vs
+  67 ms: XLA copied the rows' concatenation once per column), whose patch order
+  this keeps.
   """
   k, s = kernel_size, stride
   out_h, out_w = (x_BxHxWxC.shape[1] - k) // s + 1, (x_BxHxWxC.shape[2] - k) // s + 1
-  rows = jnp.concatenate([x_BxHxWxC[:, i : i + s * (out_h - 1) + 1 : s] for i in range(k)], -1)
-  return jnp.concatenate([rows[:, :, j : j + s * (out_w - 1) + 1 : s] for j in range(k)], -1)
+  rows = [slice(i, i + s * (out_h - 1) + 1, s) for i in range(k)]
+  cols = [slice(j, j + s * (out_w - 1) + 1, s) for j in range(k)]
+  return jnp.concatenate([x_BxHxWxC[:, r, c] for c in cols for r in rows], -1)
 
 
 class Conv(nn.Module):
