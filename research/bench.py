@@ -123,6 +123,12 @@ def median_rate(windows: list[tuple[int, float]]) -> float:
   return statistics.median(steps / seconds for steps, seconds in windows)
 
 
+def host_batches(config, dataset, num_batches: int = 16) -> list[dict]:
+  """The first training batches (numpy) that the hand loop and PyTorch cycle through."""
+  loader = dataset.train_loader(config.global_batch_size, seed=1)
+  return [loader(s) for s in range(num_batches)]
+
+
 class HandLoop:
   """A minimal JAX + Flax + Optax training loop: what a researcher writes by hand.
 
@@ -141,8 +147,7 @@ class HandLoop:
 
     self.model = model = registry.build_model(config, dataset)
     self.tx, _ = optim.make_optimizer(config.optimizer, config.schedule, 10**6)
-    loader = dataset.train_loader(config.global_batch_size, seed=1)
-    self.batches = [loader(s) for s in range(num_batches)]  # host copies, for PyTorch
+    self.batches = host_batches(config, dataset, num_batches)  # host copies, for PyTorch
     self.device_batches = [jax.device_put(b) for b in self.batches]
     first = self.batches[0]["inputs"][:1]
     dummy = first.astype(jnp.float32) / 255.0 if first.dtype == "uint8" else first
@@ -300,6 +305,18 @@ def speed_row(family: str, smoke: bool, windows: int) -> dict:
   return row
 
 
+def torch_eager_rate(family: str, smoke: bool, windows: int) -> float:
+  """PyTorch eager's median steps/s on the speed row's batches, in this process (run in
+  one with glibc's default malloc: PyTorch as its users run it)."""
+  from research import registry, torch_models
+
+  config, window = family_config(family, smoke)
+  dataset = registry.datasets.get(config.data.name)(config.data)
+  trainer = torch_models.Trainer(family, config, host_batches(config, dataset), device="cpu")
+  trainer.run(3)
+  return median_rate([(window, trainer.run(window)) for _ in range(windows)])
+
+
 def in_fresh_process(call: str, env: dict) -> dict:
   """Runs `bench.<call>` in a new Python process; its result, printed as JSON."""
   repo = Path(__file__).resolve().parent.parent
@@ -321,7 +338,12 @@ def section_speed(families, smoke: bool, windows: int) -> dict:
   rows = {}
   for family in families:
     call = f"speed_row({family!r}, {smoke!r}, {windows!r})"
-    rows[family] = in_fresh_process(call, train_env(family, smoke))
+    rows[family] = row = in_fresh_process(call, train_env(family, smoke))
+    if "torch_eager_steps_per_sec" in row and row["torch_device"] == "cpu":
+      call = f"torch_eager_rate({family!r}, {smoke!r}, {windows!r})"
+      rate = in_fresh_process(call, dict(os.environ, RESEARCH_MALLOC_TUNING="0"))
+      row["torch_eager_default_malloc_steps_per_sec"] = rate
+      row["vs_torch_eager_default_malloc"] = row["research_steps_per_sec"] / rate
     logging.info("speed %s: %s", family, rows[family])
   return rows
 
@@ -774,9 +796,13 @@ def report(results: dict) -> str:
       "",
       f"Goals: {GOALS['overhead']}; {GOALS['pytorch']}.",
       "",
+      "PyTorch runs in the same process as both JAX loops, with the framework's malloc "
+      "settings (research.runtime.tune_malloc), which speed it up too; *default malloc*: "
+      "PyTorch eager alone in a process with glibc's defaults, as its users run it.",
+      "",
       "| family | shape | XLA flags | research.train | hand JAX | ratio | torch eager "
-      "| torch.compile | vs eager | vs compile |",
-      "|---|---|---|---|---|---|---|---|---|---|",
+      "| torch.compile | vs eager | vs compile | torch eager, default malloc | vs it |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for family, r in speed.items():
       lines.append(
@@ -785,7 +811,9 @@ def report(results: dict) -> str:
         f"| {r['hand_jax_steps_per_sec']:.2f} | **{r['overhead_ratio']:.3f}** "
         f"| {_num(r.get('torch_eager_steps_per_sec'))} "
         f"| {_num(r.get('torch_compile_steps_per_sec'))} "
-        f"| **{_num(r.get('vs_torch_eager'))}x** | {_num(r.get('vs_torch_compile'))}x |"
+        f"| **{_num(r.get('vs_torch_eager'))}x** | {_num(r.get('vs_torch_compile'))}x "
+        f"| {_num(r.get('torch_eager_default_malloc_steps_per_sec'))} "
+        f"| {_num(r.get('vs_torch_eager_default_malloc'))}x |"
       )
     lines.append("")
   mfu = results.get("mfu")

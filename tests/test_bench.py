@@ -32,6 +32,8 @@ def test_smoke_run_writes_every_section(tmp_path, tfds_data_dir, mnist_raw_dir, 
     assert row["research_steps_per_sec"] > 0 and row["hand_jax_steps_per_sec"] > 0
     ratios = row["overhead_window_ratios"]  # each framework window between two hand ones
     assert len(ratios) >= 1 and row["overhead_ratio"] == pytest.approx(np.median(ratios))
+    if "torch_eager_steps_per_sec" in row:  # with the bench extra
+      assert row["torch_eager_default_malloc_steps_per_sec"] > 0
   assert 0 < results["mfu"]["mfu_6n"] < results["mfu"]["mfu_with_attention"] < 1
   for row in results["input"].values():
     assert 0 <= row["wait_fraction"] < 1 and row["loader_examples_per_sec"] > 0
