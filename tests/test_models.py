@@ -157,18 +157,21 @@ def test_sincos2d_positions_encode_row_and_column():
 @pytest.mark.parametrize("padding", ["VALID", "SAME"])
 @pytest.mark.parametrize("kernel_size", [1, 3, 5])
 @pytest.mark.parametrize("strides", [1, 2])
-def test_im2col_conv_equals_lax_conv(padding, kernel_size, strides):
+def test_im2col_conv_and_its_gradients_equal_lax_conv(padding, kernel_size, strides):
   conv = layers.conv(6, kernel_size, padding, "float32", strides=strides)
   x = jax.random.normal(jax.random.key(0), (2, 9, 11, 3))
   params = nn.meta.unbox(conv.init(jax.random.key(1), x))
-  reference = (
-    jax.lax.conv_general_dilated(
-      x,
-      params["params"]["kernel"],
-      (strides, strides),
-      padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )  # fmt: skip
-    + params["params"]["bias"]
-  )
-  np.testing.assert_allclose(conv.apply(params, x), reference, atol=1e-5)
+
+  def reference(params, x):
+    kernel, dims = params["params"]["kernel"], ("NHWC", "HWIO", "NHWC")
+    y = jax.lax.conv_general_dilated(x, kernel, (strides, strides), padding, dimension_numbers=dims)
+    return y + params["params"]["bias"]
+
+  np.testing.assert_allclose(conv.apply(params, x), reference(params, x), atol=1e-5)
+  # The custom backward (transposed convolution for x, patches^T @ dy for the kernel).
+  weights = jax.random.normal(jax.random.key(2), conv.apply(params, x).shape)
+  loss = lambda apply: lambda p, x: jnp.sum(jnp.tanh(apply(p, x)) * weights)  # noqa: E731
+  ours = jax.jit(jax.grad(loss(conv.apply), argnums=(0, 1)))(params, x)
+  theirs = jax.grad(loss(reference), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)

@@ -15,6 +15,7 @@ stays unsharded where `batch` already uses `fsdp`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -99,8 +100,58 @@ def im2col(x_BxHxWxC: jax.Array, kernel_size: int, stride: int = 1) -> jax.Array
   return jnp.concatenate([x_BxHxWxC[:, r, c] for c in cols for r in rows], -1)
 
 
+def _patches_matmul(x_BxHxWxC, kernel_KxKxCxF, stride: int):
+  k, _, in_features, features = kernel_KxKxCxF.shape
+  patches_BxHxWxP = im2col(x_BxHxWxC, k, stride)
+  # Patches are ordered (kernel col j, kernel row i, C): match the kernel to it.
+  kernel_PxF = kernel_KxKxCxF.transpose(1, 0, 2, 3).reshape(k * k * in_features, features)
+  return patches_BxHxWxP @ kernel_PxF, patches_BxHxWxP
+
+
+def _lax_conv(x_BxHxWxC, kernel_KxKxCxF, stride: int):
+  return jax.lax.conv_general_dilated(
+    x_BxHxWxC, kernel_KxKxCxF, (stride, stride), "VALID",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )  # fmt: skip
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_valid(x_BxHxWxC, kernel_KxKxCxF, stride: int = 1):
+  """VALID NHWC convolution, computed as im2col(x) @ kernel; its input gradient is XLA's
+  transposed convolution, its kernel gradient patches^T @ dy.
+
+  The default gradient of im2col + matmul would go back through the patches: a
+  (B*H'*W', k*k*C) matrix (85 MB for the MNIST CNN's second convolution) written by
+  dy @ kernel^T and summed back into the image. XLA's convolution kernel computes the
+  input gradient without it: the CNN's train step runs 57 ms instead of 65 (2 cores).
+  The forward stays im2col + matmul, faster there than XLA's convolution (17.7 vs
+  21.3 ms for that layer), and its patches serve the kernel gradient.
+  """
+  return _patches_matmul(x_BxHxWxC, kernel_KxKxCxF, stride)[0]
+
+
+def _conv_valid_fwd(x_BxHxWxC, kernel_KxKxCxF, stride):
+  y_BxHxWxF, patches_BxHxWxP = _patches_matmul(x_BxHxWxC, kernel_KxKxCxF, stride)
+  return y_BxHxWxF, (x_BxHxWxC, kernel_KxKxCxF, patches_BxHxWxP)
+
+
+def _conv_valid_bwd(stride, residuals, dy_BxHxWxF):
+  x_BxHxWxC, kernel_KxKxCxF, patches_BxHxWxP = residuals
+  k, _, in_features, features = kernel_KxKxCxF.shape
+  patches_NxP = patches_BxHxWxP.reshape(-1, patches_BxHxWxP.shape[-1])
+  dkernel_PxF = patches_NxP.T @ dy_BxHxWxF.reshape(-1, features)
+  dkernel = dkernel_PxF.reshape(k, k, in_features, features).transpose(1, 0, 2, 3)
+  # Linear in x: only the transpose is computed (XLA drops the unused forward).
+  _, transpose = jax.vjp(lambda x: _lax_conv(x, kernel_KxKxCxF, stride), x_BxHxWxC)
+  (dx_BxHxWxC,) = transpose(dy_BxHxWxF)
+  return dx_BxHxWxC, dkernel
+
+
+conv_valid.defvjp(_conv_valid_fwd, _conv_valid_bwd)
+
+
 class Conv(nn.Module):
-  """NHWC convolution as im2col + matmul; parameters laid out as nn.Conv's.
+  """NHWC convolution as im2col + matmul (conv_valid); parameters laid out as nn.Conv's.
 
   kernel: (k, k, C_in, C_out) with logical axes (None, None, conv_in, conv_out).
   """
@@ -140,10 +191,7 @@ class Conv(nn.Module):
     elif self.padding != "VALID":
       raise ValueError(f"padding {self.padding!r}: valid: SAME, VALID")
     x_BxHxWxC, kernel, bias = nn.dtypes.promote_dtype(x_BxHxWxC, kernel, bias, dtype=self.dtype)
-    patches_BxHxWxP = im2col(x_BxHxWxC, k, self.strides)
-    # Patches are ordered (kernel col j, kernel row i, C): match the kernel to it.
-    kernel_PxF = kernel.transpose(1, 0, 2, 3).reshape(k * k * in_features, self.features)
-    y_BxHxWxF = patches_BxHxWxP @ kernel_PxF
+    y_BxHxWxF = conv_valid(x_BxHxWxC, kernel, self.strides)
     if self.use_bias:
       y_BxHxWxF = y_BxHxWxF + bias
     return constrain(y_BxHxWxF, ("batch", None, None, "conv_out"))
