@@ -634,8 +634,8 @@ def group_by_source(per_op: dict[str, float], sources: dict[str, str]):
 
 
 def profile_row(family: str, smoke: bool) -> dict:
-  """JAX's profiler over a few train steps: CPU time per XLA operation (summed over
-  threads), grouped by the model code each came from."""
+  """JAX's profiler over a few train steps: time per XLA operation (on the thread that
+  runs it; see the report), grouped by the model code each came from."""
   import collections
   import glob
   import re
@@ -910,17 +910,21 @@ def report(results: dict) -> str:
   profile = results.get("profile")
   if profile:
     lines += [
-      "## Where the time goes: JAX profiler, CPU time per XLA operation in one train step",
+      "## Where the time goes: JAX profiler, time per XLA operation in one train step",
       "",
-      "Summed over XLA's compute threads (so up to cores x the step's wall time).",
+      "Each operation's time as the profiler records it: once, on the thread that runs it, "
+      "from its start to its end (the share it hands to XLA's other compute threads is not "
+      "counted again), so about its wall time; operations running side by side on two "
+      "threads can add up to more than the step. Operations without a trace name (XLA's "
+      "convolution thunks) are in the step's remainder.",
       "",
     ]
     for family, r in profile.items():
       lines += [
         f"**{family}**: {r['shape']}; step {r['step_ms']:.0f} ms wall, "
-        f"{r['op_cpu_ms']:.0f} ms CPU in operations.",
+        f"{r['op_cpu_ms']:.0f} ms in named operations.",
         "",
-        "| operation | from | CPU ms | share |",
+        "| operation | from | ms | share |",
         "|---|---|---|---|",
       ]
       for op in r["top"]:
