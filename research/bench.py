@@ -199,16 +199,17 @@ def bracketed_windows(config, window: int, windows: int, workdir: Path, hand: Ha
   config.num_train_steps = window * (windows + 1)
   config.log_every_steps = window
   config.checkpoint_every_steps = config.num_train_steps
-  framework, hand_windows, resumed = [], [], []
+  framework, hand_windows = [], []
+  resumed = None  # when the framework's loop went on after the last hand window
 
   def between(step, metrics):
+    nonlocal resumed
     del metrics
-    now = time.perf_counter()
-    if resumed:
-      framework.append((window, now - resumed[-1]))
+    if resumed is not None:
+      framework.append((window, time.perf_counter() - resumed))
     if step < config.num_train_steps:
       hand_windows.append((window, hand.run(window)))
-    resumed.append(time.perf_counter())
+    resumed = time.perf_counter()
 
   train.train_and_evaluate(config, str(workdir), on_log=between)
   hand_windows.append((window, hand.run(window)))

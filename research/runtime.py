@@ -52,6 +52,10 @@ def _version_tuple(text: str) -> tuple[int, ...]:
   return tuple(parts)
 
 
+def _off(variable: str) -> bool:
+  return os.environ.get(variable, "1").lower() in ("0", "false", "off")
+
+
 def xla_defaults_apply() -> bool:
   if _off("RESEARCH_XLA_DEFAULTS"):
     return False
@@ -77,10 +81,6 @@ def apply_xla_defaults(model_name: str) -> None:
 
 
 KEEP_BYTES = 1 << 30  # blocks up to this size come from (and stay in) the heap
-
-
-def _off(variable: str) -> bool:
-  return os.environ.get(variable, "1").lower() in ("0", "false", "off")
 
 
 def tune_malloc() -> bool:
