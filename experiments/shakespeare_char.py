@@ -15,9 +15,9 @@ Sizes (`shakespeare_char.py:size=...`):
   batch 64, dropout 0.2, 5000 iterations: 1.47).
 - `gpt2`: GPT-2 small's shape (12 layers, 12 heads, width 768, context 1024;
   86M parameters on 65 characters, 124M with GPT-2's 50,257 tokens) in bf16,
-  batch 32, attention through jax.nn.dot_product_attention (`auto`: cuDNN's
-  flash attention where JAX picks it; on an H200 with jax 0.11.2 it compiled
-  to XLA's own): the GPU MFU benchmark of results/benchmarks_gpu.md (12-14%).
+  batch 32, attention `auto` (cuDNN's flash attention on a GPU, XLA's own where
+  cuDNN refuses): the GPU MFU benchmark of results/benchmarks_gpu.md (12-14% with
+  XLA's attention on an H200: jax.nn's default, which `auto` meant until 2026-11-26).
 """
 
 from research import config as config_lib

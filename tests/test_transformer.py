@@ -72,6 +72,45 @@ def test_fused_attention_computes_the_same_function_and_gradients():
     _model(attention="flash").apply(params, tokens_BxL)
 
 
+def test_auto_attention_asks_cudnn_on_a_gpu_in_half_precision_and_falls_back(monkeypatch):
+  """`auto` on a GPU in bf16: cuDNN's flash attention; where cuDNN refuses while tracing,
+  XLA's; in float32 or off a GPU, XLA's without asking (jax.nn's own default is XLA's)."""
+  from research.models import transformer
+
+  real = jax.nn.dot_product_attention
+  asked = []
+
+  def recording(*args, implementation=None, refuse=False, **kwargs):
+    asked.append(implementation)
+    if implementation == "cudnn" and refuse:
+      raise NotImplementedError("The head dim must be <= 256 and a multiple of 8")
+    return real(*args, implementation="xla" if implementation == "cudnn" else implementation,
+                **kwargs)  # fmt: skip
+
+  model = _model(attention="auto", dtype="bfloat16")
+  tokens_BxL, variables = _init(model)
+  params = nn.meta.unbox(variables)
+  want = _model(attention="xla", dtype="bfloat16").apply(params, tokens_BxL)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  for refuse, first in ((False, "cudnn"), (True, "cudnn")):
+    asked.clear()
+    monkeypatch.setattr(
+      jax.nn,
+      "dot_product_attention",
+      lambda *a, refuse=refuse, **k: recording(*a, refuse=refuse, **k),
+    )
+    np.testing.assert_array_equal(model.apply(params, tokens_BxL), want)
+    assert asked[0] == first and asked.count("xla") == (2 if refuse else 0)  # two layers
+  asked.clear()
+  _model(attention="auto").apply(params, tokens_BxL)  # float32: XLA's, cuDNN not asked
+  assert asked == ["xla", "xla"]
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  asked.clear()
+  model.apply(params, tokens_BxL)
+  assert asked == ["xla", "xla"]
+  assert transformer.ATTENTION_IMPLS == ("einsum", "auto", "xla", "cudnn")
+
+
 def test_parameter_count_matches_nanogpt():
   """nanoGPT's CPU config (4 layers, width 128, context 64, 65 characters): 0.80M."""
   model = registry.models.get("transformer_lm")(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import linen as nn
 
 from research import registry
@@ -48,6 +49,38 @@ def rotary(x_BxLxHxK: jax.Array, positions_L: jax.Array) -> jax.Array:
   x1, x2 = x_BxLxHxK[..., :half].astype(jnp.float32), x_BxLxHxK[..., half:].astype(jnp.float32)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x_BxLxHxK.dtype)
+
+
+_fallbacks_logged = set()
+
+
+def fused_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, causal: bool, implementation: str):
+  """jax.nn.dot_product_attention with `implementation` "xla", "cudnn" or "auto".
+
+  "auto" asks for cuDNN's flash attention (no L x L matrix in memory, causal blocks
+  skipped) on a GPU in bf16 or fp16, and takes XLA's own where cuDNN refuses (no
+  cuDNN, an older GPU, a head width it lacks: it says so while tracing) or elsewhere.
+  jax.nn's own default (implementation=None) is XLA's everywhere as of jax 0.11: on an
+  H200 the GPT-2-shaped LM ran with L x L logits in float32 under it.
+  """
+
+  def attend(impl):
+    return jax.nn.dot_product_attention(
+      q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, is_causal=causal, implementation=impl
+    )
+
+  if implementation != "auto":
+    return attend(implementation)
+  half = q_BxLxHxK.dtype in (jnp.bfloat16, jnp.float16)
+  if half and jax.default_backend() == "gpu":
+    try:
+      return attend("cudnn")
+    except (NotImplementedError, RuntimeError, ValueError) as refused:
+      reason = f"{type(refused).__name__}: {str(refused).splitlines()[0][:200]}"
+      if reason not in _fallbacks_logged:
+        _fallbacks_logged.add(reason)
+        logging.warning("model.attention='auto': cuDNN attention refused (%s); XLA's", reason)
+  return attend("xla")
 
 
 class Attention(nn.Module):
@@ -119,18 +152,13 @@ class Attention(nn.Module):
     return layers.constrain(y_BxLxD, ("batch", None, "embed"))
 
   def _fused(self, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, train, width):
-    """jax.nn.dot_product_attention: on GPUs, cuDNN's flash attention (no L x L
-    matrix in memory; causal blocks skipped) under `implementation="cudnn"` or
-    "auto" in bf16; XLA's own elsewhere. No dropout on the attention weights."""
+    """jax.nn.dot_product_attention (see fused_attention). No dropout on the weights."""
     if train and self.dropout > 0:
       raise ValueError(
         f"model.attention={self.implementation!r} has no attention dropout: "
         f"set model.dropout=0 or model.attention='einsum'"
       )
-    impl = None if self.implementation == "auto" else self.implementation
-    y_BxLxHxK = jax.nn.dot_product_attention(
-      q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=self.causal, implementation=impl
-    )
+    y_BxLxHxK = fused_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, self.causal, self.implementation)
     return self._project_out(y_BxLxHxK, width)
 
   def _cached(self, k_BxLxHxK, v_BxLxHxK, positions_L):
