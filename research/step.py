@@ -79,6 +79,10 @@ def init_state(
   )
 
 
+# The train step's metrics (research.train sums them over each log interval).
+TRAIN_METRICS = ("nonfinite", "loss", "total_loss", "accuracy", "grad_norm", "learning_rate")
+
+
 def make_train_step(
   model: nn.Module,
   tx: optax.GradientTransformation,
@@ -173,6 +177,7 @@ def make_train_step(
     new_state = state.replace(
       step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state
     )
+    assert tuple(metrics) == TRAIN_METRICS
     return new_state, metrics
 
   return train_step

@@ -186,6 +186,45 @@ def test_nan_halts_naming_the_step_and_keeps_only_good_checkpoints(config, tmp_p
   assert all(np.isfinite(p).all() for p in __import__("jax").tree.leaves(params))
 
 
+def test_summing_adds_each_metric_on_the_device_and_keeps_the_first_nonfinite_step():
+  import jax
+  import jax.numpy as jnp
+  from flax import struct
+
+  from research.step import TRAIN_METRICS
+
+  @struct.dataclass
+  class State:
+    step: jax.Array
+
+  def step_fn(state, loss):
+    metrics = {name: jnp.float32(i) for i, name in enumerate(TRAIN_METRICS)}
+    nonfinite = (~jnp.isfinite(loss)).astype(jnp.float32)
+    metrics.update(loss=loss, grad_norm=2 * loss, nonfinite=nonfinite)
+    return state.replace(step=state.step + 1), metrics
+
+  summed = jax.jit(train.summing(step_fn), donate_argnums=(0, 1))
+
+  def run(losses, start=0):
+    state, sums = State(jnp.int32(start)), jax.device_put(train.zero_sums())
+    for loss in losses:
+      state, sums = summed(state, sums, jnp.float32(loss))
+    return jax.device_get(sums)
+
+  finite = run([1.5, 2.5, 4.0], start=7)
+  assert int(finite["steps"]) == 3 and float(finite["sum"]["loss"]) == 8.0
+  assert float(finite["sum"]["grad_norm"]) == 16.0 and float(finite["sum"]["nonfinite"]) == 0
+  assert float(finite["sum"]["learning_rate"]) == 3 * TRAIN_METRICS.index("learning_rate")
+  assert int(finite["first_nonfinite"]["step"]) == 0
+  train.halt_if_nonfinite(finite)  # nothing to halt on
+  bad = run([1.0, 2.0, float("inf"), 4.0, float("nan")], start=7)
+  assert int(bad["steps"]) == 5 and int(bad["sum"]["nonfinite"]) == 2
+  assert int(bad["first_nonfinite"]["step"]) == 10  # state.step 9 -> step 10, 1-based
+  assert np.isinf(bad["first_nonfinite"]["loss"]) and np.isinf(bad["first_nonfinite"]["grad_norm"])
+  with pytest.raises(train.TrainingHalted, match=r"step 10: loss is inf"):
+    train.halt_if_nonfinite(bad)
+
+
 def test_skip_policy_drops_the_nonfinite_update_and_counts_it():
   import jax
   import jax.numpy as jnp
