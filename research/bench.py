@@ -72,15 +72,17 @@ def family_config(family: str, smoke: bool):
   config.schedule = config_lib.entry("schedule", "constant")
   config.global_batch_size = 128
   config.eval_every_steps = -1
-  if family in ("mlp", "mlp_host", "cnn", "cnn_augment"):
+  if family in ("mlp", "mlp_host", "mlp_host_10", "cnn", "cnn_augment"):
     dataset = "fashion_mnist" if family == "cnn_augment" else "mnist"
     config.data.name = dataset
     config.data.raw_dir = config_lib.raw_data_dir(dataset.replace("_", "-"))
     if family.startswith("mlp"):
-      # mlp_host: ~0.14 ms steps, so the loop's own host time shows, as a GPU shows it
-      # for small models (an H200 ran the 1024-wide MLP's step in 0.15 ms).
-      widths = (32,) if smoke else (8,) if family == "mlp_host" else (1024, 1024)
+      # mlp_host: ~0.15 ms steps, so the loop's own host time shows, as a GPU shows it
+      # for small models (an H200 ran the 1024-wide MLP's step in 0.15 ms); _10: ten
+      # steps per jitted call (config.steps_per_dispatch), the hand loop still one.
+      widths = (32,) if smoke else (8,) if family.startswith("mlp_host") else (1024, 1024)
       config.model = config_lib.entry("model", "mlp", widths=widths, dropout=0.0)
+      config.steps_per_dispatch = 10 if family == "mlp_host_10" else 1
       window = 5 if smoke else 40
     else:
       conv, dense = ((4, 8), 16) if smoke else ((32, 64), 128)
@@ -747,7 +749,7 @@ def run(sections=SECTIONS, smoke: bool = False, out: str = "results/benchmarks",
         chosen = ("mlp",) if smoke else families
         results[section] = section_xla_flags(chosen, smoke, windows, rounds=1 if smoke else 2)
       elif section == "speed":
-        host_bound = () if smoke else ("mlp_host",)  # the loop's host time, exposed
+        host_bound = () if smoke else ("mlp_host", "mlp_host_10")  # the loop's host time
         results[section] = section_speed((*families, *host_bound), smoke, windows)
       elif section == "mfu":
         results[section] = section_mfu(smoke, windows, results.get("speed"))
@@ -805,8 +807,10 @@ def report(results: dict) -> str:
       "PyTorch runs in the same process as both JAX loops, with the framework's malloc "
       "settings (research.runtime.tune_malloc), which speed it up too; *default malloc*: "
       "PyTorch eager alone in a process with glibc's defaults, as its users run it. "
-      "*mlp_host*: an MLP so small (one hidden layer of 8) that a step takes ~0.14 ms and "
-      "the loops' own host time per step shows, as on a GPU for small models.",
+      "*mlp_host*: an MLP so small (one hidden layer of 8) that a step takes ~0.15 ms and "
+      "the loops' own host time per step shows, as on a GPU for small models; "
+      "*mlp_host_10*: the same with `config.steps_per_dispatch=10` (ten steps per jitted "
+      "call; the hand loop and PyTorch still take one).",
       "",
       "| family | shape | XLA flags | research.train | hand JAX | ratio | torch eager "
       "| torch.compile | vs eager | vs compile | torch eager, default malloc | vs it |",

@@ -97,6 +97,9 @@ def base() -> ml_collections.ConfigDict:
   config.global_batch_size = 128
   config.eval_batch_size = 1000
   config.grad_accum_steps = 1  # microbatches per step: gradients accumulated, one update
+  # Train steps per jitted call (a lax.scan; Keras's steps_per_execution): amortises the
+  # Python dispatch of small steps. Needs the training data held on the device.
+  config.steps_per_dispatch = 1
   config.num_epochs = 1.0
   config.num_train_steps = -1  # > 0 overrides num_epochs
   config.dtype = "float32"  # compute dtype; parameters, optimizer state and loss stay float32
@@ -352,7 +355,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     f"config.nan_policy={config.nan_policy!r}: valid: {', '.join(NAN_POLICIES)}",
   )
   _require(config.dtype in DTYPES, f"config.dtype={config.dtype!r}: valid: {', '.join(DTYPES)}")
-  for key in ("log_every_steps", "checkpoint_every_steps", "max_to_keep", "grad_accum_steps"):
+  for key in (
+    "log_every_steps", "checkpoint_every_steps", "max_to_keep", "grad_accum_steps",
+    "steps_per_dispatch",
+  ):  # fmt: skip
     _require(config[key] > 0, f"config.{key}={config[key]}: must be > 0")
   _require(
     config.eval_every_steps > 0 or config.eval_every_steps == -1,

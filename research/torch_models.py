@@ -31,7 +31,7 @@ def build(family: str, config, vocab_size: int = 0):
   from torch import nn
 
   model = dict(config.model)
-  if family in ("mlp", "mlp_host"):
+  if family.startswith("mlp"):
     layers, width_in = [nn.Flatten()], 28 * 28
     for width in model["widths"]:
       layers += [nn.Linear(width_in, width), nn.ReLU()]

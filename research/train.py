@@ -42,7 +42,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in a manual
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a manual launch.")
 
 # Where a run executes, not what it computes: a workdir may resume with other values.
-DEPLOYMENT_KEYS = ("data.raw_dir", "data.data_dir", "mesh.data", "mesh.fsdp", "mesh.model")
+DEPLOYMENT_KEYS = (
+  "data.raw_dir", "data.data_dir", "mesh.data", "mesh.fsdp", "mesh.model", "steps_per_dispatch",
+)  # fmt: skip
 USAGE_ERRORS = (config_lib.ConfigError, registry.UnknownNameError)
 EXIT_USAGE = 2
 
@@ -106,6 +108,19 @@ def summing(step_fn):
   return fn
 
 
+def repeated(fn, steps: int):
+  """`fn(state, sums, *feed) -> (state, sums)` applied `steps` times in one program (a
+  lax.scan). The feed is the same for every step: the arrays held on the device, from
+  which each step gathers its own batch by state.step (parallel.BatchFeeder)."""
+  import jax
+
+  def fn_steps(state, sums, *feed):
+    body = lambda carry, _: (fn(*carry, *feed), None)  # noqa: E731
+    return jax.lax.scan(body, (state, sums), None, length=steps)[0]
+
+  return fn_steps
+
+
 def zero_sums() -> dict:
   """summing's sums before the first step of a log interval (host arrays)."""
   import numpy as np
@@ -131,11 +146,12 @@ def halt_if_nonfinite(sums: dict) -> None:
     )
 
 
-def jit_train_step(exp, feeder=None, summed: bool = False):
+def jit_train_step(exp, feeder=None, summed: bool = False, steps: int = 1):
   """The experiment's train step, jitted with the state's and the batch's shardings
   (the state is donated: updated in place): `step(state, batch) -> (state, metrics)`,
   or with a parallel.BatchFeeder, `step(state, *feeder(step_number))`; `summed`:
-  `step(state, sums, ...) -> (state, sums)` (see summing), the sums donated too."""
+  `step(state, sums, ...) -> (state, sums)` (see summing), the sums donated too, and
+  `steps` > 1 of them per call (see repeated; data held on the device only)."""
   import jax
 
   from research import experiment, transfer
@@ -160,7 +176,7 @@ def jit_train_step(exp, feeder=None, summed: bool = False):
     step_fn, feed_shardings = feeder.wrap(step_fn), feeder.shardings
   if summed:
     return jax.jit(
-      summing(step_fn),
+      summing(step_fn) if steps == 1 else repeated(summing(step_fn), steps),
       in_shardings=(exp.state_sharding, exp.replicated, *feed_shardings),
       out_shardings=(exp.state_sharding, exp.replicated),
       donate_argnums=(0, 1),
@@ -217,6 +233,21 @@ def train_and_evaluate(
   from research.versions import versions
 
   process_index, total_steps = exp.process_index, exp.total_steps
+  # Data and the steps per call before the workdir is touched: a bad setting leaves no trace.
+  train_loader = exp.dataset.train_loader(
+    config.global_batch_size, config.seed, process_index, exp.process_count
+  )
+  feeder = parallel.BatchFeeder(train_loader, exp.batch_sharding, config.data.device_resident_mb)
+  per_call = config.steps_per_dispatch
+  if per_call > 1 and not (
+    feeder.device_resident and per_call * config.global_batch_size <= train_loader.num_examples
+  ):
+    raise config_lib.ConfigError(
+      f"config.steps_per_dispatch={per_call} needs the training data held on the device "
+      "(in memory, no data.pp_train, within data.device_resident_mb) and at most one epoch "
+      f"per call ({per_call} x global_batch_size={config.global_batch_size}); "
+      "set config.steps_per_dispatch=1"
+    )
   sharding_table = sharding.table(exp.sharding_rows)
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", config.max_to_keep)
   abstract = checkpoint.abstract_with_shardings(exp.state_shape, exp.state_sharding)
@@ -241,11 +272,14 @@ def train_and_evaluate(
     )
 
   evaluation = evaluators.Evaluation(exp, output_dir=workdir)
-  train_loader = exp.dataset.train_loader(
-    config.global_batch_size, config.seed, process_index, exp.process_count
-  )
-  feeder = parallel.BatchFeeder(train_loader, exp.batch_sharding, config.data.device_resident_mb)
-  train_step = jit_train_step(exp, feeder, summed=True)
+  train_steps = {}  # steps per call -> the jitted step (a call stops at each log, eval, save)
+  boundaries = [config.log_every_steps, config.checkpoint_every_steps]
+  boundaries += [config.eval_every_steps] if config.eval_every_steps > 0 else []
+
+  def steps_from(step: int) -> int:
+    """Steps in the call starting after `step`: up to the next log, eval, save or end."""
+    return min(per_call, total_steps - step, *(every - step % every for every in boundaries))
+
   if feeder.device_resident:
     held_step = int(jax.device_get(state.step))
     if held_step != start_step:  # the step gathers its batch by state.step
@@ -261,8 +295,13 @@ def train_and_evaluate(
   preemption = PreemptionWatcher()
   t_loop = time.perf_counter()
   try:
-    for step in range(start_step, total_steps):
-      feed = feeder(step)  # the batch, or its indices into the arrays on the device
+    step = start_step
+    while step < total_steps:
+      feed = feeder(step)  # the batch, or the arrays on the device the step gathers from
+      count = steps_from(step)
+      if count not in train_steps:
+        train_steps[count] = jit_train_step(exp, feeder, summed=True, steps=count)
+      train_step = train_steps[count]
       if step == start_step:  # XLA's FLOP count for MFU; the call below reuses this compile
         t_lower = time.perf_counter()
         lowered = train_step.lower(state, sums, *feed)
@@ -272,13 +311,19 @@ def train_and_evaluate(
           "[TIMING] first step: trace + lower %.2fs, compile %.2fs",
           t_compile - t_lower, time.perf_counter() - t_compile,
         )  # fmt: skip
+        if count > 1:  # XLA counts a loop's body once: one step's count, not compiled
+          first_compiled = jit_train_step(exp, feeder, summed=True).lower(state, sums, *feed)
       state, sums = train_step(state, sums, *feed)  # a new shape (length buckets) retraces
       ckpt.check()  # a failed background save stops the run here, not at the next save
-      done = step + 1
+      done = step + count
       if step == start_step:
         jax.block_until_ready(sums)
-        logging.info("[TIMING] first step (compile + run): %.2fs", time.perf_counter() - t_loop)
+        logging.info(
+          "[TIMING] first step (compile + run%s): %.2fs",
+          f", {count} steps" if count > 1 else "", time.perf_counter() - t_loop,
+        )  # fmt: skip
         progress = speed_meter(exp, first_compiled, done)
+      step = done
       log_now = done % config.log_every_steps == 0 or done == total_steps
       save_now = done % config.checkpoint_every_steps == 0 or done == total_steps
       if log_now or save_now:

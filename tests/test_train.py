@@ -171,6 +171,38 @@ def test_sigterm_saves_at_the_next_step_and_the_run_resumes_there(config, tmp_pa
   assert f"resumed from checkpoint at step {saved[0]}" in resumed.stderr
 
 
+def test_several_steps_per_dispatch_train_the_same_run(config, tmp_path):
+  """steps_per_dispatch=8: calls stop at every log (50), eval (100) and save (60), so the
+  same steps are logged, evaluated and saved, with the same parameters as one step per
+  call; host-fed data is refused in one line."""
+  config.num_train_steps = 130
+  train.train_and_evaluate(config, str(tmp_path / "one"))
+  config.steps_per_dispatch = 8
+  train.train_and_evaluate(config, str(tmp_path / "eight"))
+  records = {}
+  for name in ("one", "eight"):
+    rows = read_jsonl(tmp_path / name / "metrics.jsonl")
+    records[name] = [(r["step"], r["split"], r["metrics"]) for r in rows]
+  assert [r[:2] for r in records["eight"]] == [r[:2] for r in records["one"]]
+  assert [r[0] for r in records["eight"]] == [50, 100, 100, 130, 130]
+  for (_, _, got), (_, _, want) in zip(records["eight"], records["one"], strict=True):
+    for key in ("loss", "accuracy"):
+      assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6)
+  for name in ("one", "eight"):
+    saved = sorted(int(p.name) for p in (tmp_path / name / "checkpoints").iterdir())
+    assert saved == [60, 120, 130]
+  (_, eight), (_, one) = _final_params(tmp_path / "eight"), _final_params(tmp_path / "one")
+  leaves = __import__("jax").tree.leaves
+  for got, want in zip(leaves(eight), leaves(one), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  config.data.device_resident_mb = 0  # batches from the host: one step per call only
+  with pytest.raises(
+    config_lib.ConfigError, match="config.steps_per_dispatch=8 needs the training"
+  ):
+    train.train_and_evaluate(config, str(tmp_path / "host"))
+  assert not (tmp_path / "host").exists()  # refused before the workdir is touched
+
+
 def test_nan_halts_naming_the_step_and_keeps_only_good_checkpoints(config, tmp_path):
   config.optimizer = config_lib.entry("optimizer", "sgd", learning_rate=1e30)
   config.model.dropout = 0.0
