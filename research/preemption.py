@@ -28,11 +28,14 @@ class PreemptionWatcher:
     del signum, frame
     self._signalled = True
 
-  def should_stop(self, step: int) -> bool:
+  def should_stop(self, call: int) -> bool:
+    """`call`: 1, 2, ... for each train call since the process started, asked after every
+    one (JAX's sync point is the id after the highest any process reported: an id the
+    loop skipped would never match)."""
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
-      return multihost_utils.reached_preemption_sync_point(step)
+      return multihost_utils.reached_preemption_sync_point(call)
     return self._signalled
 
   def close(self) -> None:

@@ -295,7 +295,7 @@ def train_and_evaluate(
   preemption = PreemptionWatcher()
   t_loop = time.perf_counter()
   try:
-    step = start_step
+    step, calls = start_step, 0
     while step < total_steps:
       feed = feeder(step)  # the batch, or the arrays on the device the step gathers from
       count = steps_from(step)
@@ -351,16 +351,20 @@ def train_and_evaluate(
         eval_metrics = evaluation(state.eval_variables(), done, final=False)
         writer.write(done, config.data.eval_split, eval_metrics)
         logging.info("step %d %s: %s", done, config.data.eval_split, eval_metrics)
-      if save_now:
+      # Asked after every call on every process: several processes' sync point is the
+      # call after the latest any of them reported, so none may be skipped (a save step's
+      # included; counting calls, not steps, as a call may take several).
+      calls += 1
+      stop = preemption.should_stop(calls)
+      if save_now or stop:
         t_save = time.perf_counter()
         ckpt.save(done, state, metadata)
-        if process_index == 0:
+        if process_index == 0 and save_now:
           logging.info(
             "[TIMING] checkpoint %d: the loop waited %.3fs (the write goes on in the background)",
             done, time.perf_counter() - t_save,
           )  # fmt: skip
-      elif preemption.should_stop(done):
-        ckpt.save(done, state, metadata)
+      if stop:
         logging.warning(
           "preempted (SIGTERM) at step %d: checkpoint saved; the same command resumes here", done
         )

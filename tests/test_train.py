@@ -203,6 +203,23 @@ def test_several_steps_per_dispatch_train_the_same_run(config, tmp_path):
   assert not (tmp_path / "host").exists()  # refused before the workdir is touched
 
 
+def test_preemption_is_asked_after_every_call_and_can_stop_at_a_save_step(
+  config, tmp_path, monkeypatch
+):
+  """Several processes' preemption sync point is the call id after the highest any of
+  them reported, so the loop asks after every call (1, 2, ...), a save step's too."""
+  from research.preemption import PreemptionWatcher
+
+  asked = []
+  monkeypatch.setattr(
+    PreemptionWatcher, "should_stop", lambda self, call: asked.append(call) or call == 9
+  )
+  config.steps_per_dispatch = 8  # calls end at steps 8, 16, ..., 48, 50 (log), 56, 60 (save)
+  assert train.train_and_evaluate(config, str(tmp_path)) == {"preempted_at_step": 60}
+  assert asked == list(range(1, 10))
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [60]
+
+
 def test_nan_halts_naming_the_step_and_keeps_only_good_checkpoints(config, tmp_path):
   config.optimizer = config_lib.entry("optimizer", "sgd", learning_rate=1e30)
   config.model.dropout = 0.0
