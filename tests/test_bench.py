@@ -17,6 +17,7 @@ import pytest
 from flax import linen as nn
 
 from research import bench, flops, metrics, runtime
+from research import config as config_lib
 from research.models import layers
 
 
@@ -57,6 +58,17 @@ def test_bracketed_ratio_cancels_a_steady_drift():
   assert bench.bracketed_ratio([50.0], [100.0, 100.0])[0] == 0.5
   with pytest.raises(ValueError):
     bench.bracketed_ratio([1.0, 1.0], [1.0, 1.0])  # needs one more neighbour than windows
+
+
+def test_host_bound_rows_are_a_tiny_mlp_with_one_and_ten_steps_per_call():
+  """The full run's extra speed rows (the smoke run skips them): valid configs."""
+  one, _ = bench.family_config("mlp_host", smoke=False)
+  ten, _ = bench.family_config("mlp_host_10", smoke=False)
+  for config in (one, ten):
+    config_lib.validate(config)
+    assert tuple(config.model.widths) == (8,) and config.data.pp_train == ""
+  assert (one.steps_per_dispatch, ten.steps_per_dispatch) == (1, 10)
+  assert bench.family_config("mlp", smoke=False)[0].steps_per_dispatch == 1
 
 
 def test_unknown_section_is_one_clear_error(tmp_path):
