@@ -36,8 +36,10 @@ def test_two_processes_match_one(mnist, tfds_data_dir, mnist_raw_dir, tmp_path):
     capture_output=True, text=True, cwd=config_lib.REPO_ROOT, env=_env(), timeout=600,
   )  # fmt: skip
   assert single.returncode == 0, single.stderr[-3000:]
+  # ... and four steps per jitted call there (calls of 4, 4, 2 between log lines)
+  flags = [*_flags(tmp_path / "two", tfds_data_dir, mnist_raw_dir), "--config.steps_per_dispatch=4"]
   double = subprocess.run(
-    ["bash", str(LAUNCHER), "2", *_flags(tmp_path / "two", tfds_data_dir, mnist_raw_dir)],
+    ["bash", str(LAUNCHER), "2", *flags],
     capture_output=True, text=True, cwd=config_lib.REPO_ROOT, env=_env(), timeout=600,
   )  # fmt: skip
   assert double.returncode == 0, double.stderr[-3000:]
