@@ -4,8 +4,9 @@
 #      attention) under research.train: MFU from its log line;
 #   2. MNIST CNN (experiments/mnist_cnn.py) time to 99% test accuracy, evaluating
 #      every 100 steps;
-#   3. python -m research.bench: input, checkpoint, startup, speed (vs PyTorch on the
-#      GPU), mfu: the CPU benchmark's sections at the same sizes.
+#   3. python -m research.bench: speed (vs PyTorch on the GPU), mfu, input, checkpoint,
+#      startup: the CPU benchmark's sections at the same sizes (speed written after
+#      each family, every section after it ends: the time limit may cut the last).
 #
 #   4. with PROFILE=1 only (instead of 1-3, to fit one 10-minute device call):
 #      launch/gpu_lm_profile.py, the LM's step by attention variant and its per-kernel
@@ -92,7 +93,8 @@ EOF
 
 echo "== 3. research.bench"
 # PyTorch shares the GPU with JAX here: no preallocation of 75% of its memory.
-XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 270 "$PY" -m research.bench --sections=input,checkpoint,startup,speed,mfu \
+# Speed and input first: what changed since the first GPU run (one dispatch per step).
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 270 "$PY" -m research.bench --sections=speed,mfu,input,checkpoint,startup \
   --out="$OUT/benchmarks_gpu" "${bench[@]}" > "$OUT/bench.log" 2>&1
 echo "exit $?"
 tail -n 5 "$OUT/bench.log"

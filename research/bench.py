@@ -748,9 +748,13 @@ def run(sections=SECTIONS, smoke: bool = False, out: str = "results/benchmarks",
       if section == "xla_flags":
         chosen = ("mlp",) if smoke else families
         results[section] = section_xla_flags(chosen, smoke, windows, rounds=1 if smoke else 2)
-      elif section == "speed":
+      elif section == "speed":  # written after each family: a run cut short keeps them
         host_bound = () if smoke else ("mlp_host", "mlp_host_10")  # the loop's host time
-        results[section] = section_speed((*families, *host_bound), smoke, windows)
+        results[section] = {}
+        for family in (*families, *host_bound):
+          results[section].update(section_speed((family,), smoke, windows))
+          results["bench_wall_sec"] = time.perf_counter() - t0
+          save()
       elif section == "mfu":
         results[section] = section_mfu(smoke, windows, results.get("speed"))
       elif section == "input":
