@@ -273,6 +273,12 @@ def train_and_evaluate(
 
   evaluation = evaluators.Evaluation(exp, output_dir=workdir)
   train_steps = {}  # steps per call -> the jitted step (a call stops at each log, eval, save)
+
+  def jitted(count: int):
+    if count not in train_steps:
+      train_steps[count] = jit_train_step(exp, feeder, summed=True, steps=count)
+    return train_steps[count]
+
   boundaries = [config.log_every_steps, config.checkpoint_every_steps]
   boundaries += [config.eval_every_steps] if config.eval_every_steps > 0 else []
 
@@ -299,9 +305,7 @@ def train_and_evaluate(
     while step < total_steps:
       feed = feeder(step)  # the batch, or the arrays on the device the step gathers from
       count = steps_from(step)
-      if count not in train_steps:
-        train_steps[count] = jit_train_step(exp, feeder, summed=True, steps=count)
-      train_step = train_steps[count]
+      train_step = jitted(count)
       if step == start_step:  # XLA's FLOP count for MFU; the call below reuses this compile
         t_lower = time.perf_counter()
         lowered = train_step.lower(state, sums, *feed)
@@ -312,7 +316,7 @@ def train_and_evaluate(
           t_compile - t_lower, time.perf_counter() - t_compile,
         )  # fmt: skip
         if count > 1:  # XLA counts a loop's body once: one step's count, not compiled
-          first_compiled = jit_train_step(exp, feeder, summed=True).lower(state, sums, *feed)
+          first_compiled = jitted(1).lower(state, sums, *feed)
       state, sums = train_step(state, sums, *feed)  # a new shape (length buckets) retraces
       ckpt.check()  # a failed background save stops the run here, not at the next save
       done = step + count
