@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
-# Issue 8's GPU benchmarks, on one GPU, in one go (results/benchmarks_gpu.md):
-#   1. GPT-2 small's shape (experiments/shakespeare_char.py:size=gpt2, bf16, cuDNN
-#      attention) under research.train: MFU from its log line;
-#   2. MNIST CNN (experiments/mnist_cnn.py) time to 99% test accuracy, evaluating
-#      every 100 steps;
-#   3. python -m research.bench: speed (vs PyTorch on the GPU), mfu, input, checkpoint,
-#      startup: the CPU benchmark's sections at the same sizes (speed written after
-#      each family, every section after it ends: the time limit may cut the last).
-#
-#   4. with PROFILE=1 only (instead of 1-3, to fit one 10-minute device call):
-#      launch/gpu_lm_profile.py, the LM's step by attention variant and its per-kernel
-#      profile (written as soon as the first variant has run).
+# Issue 8's GPU benchmarks, on one GPU, in one go (results/benchmarks_gpu.md). Parts, in
+# the order of $PARTS (default "gpt2 cnn bench"), each under its own time limit:
+#   gpt2     GPT-2 small's shape (experiments/shakespeare_char.py:size=gpt2, bf16, cuDNN
+#            attention) under research.train: MFU from its log line;
+#   profile  launch/gpu_lm_profile.py: that LM's bare jitted step by attention variant
+#            ($VARIANTS, e.g. "cudnn:32 cudnn:64") and the first one's per-kernel
+#            profile (written as soon as the first variant has run);
+#   cnn      MNIST CNN (experiments/mnist_cnn.py) time to 99% test accuracy,
+#            evaluating every 100 steps;
+#   bench    python -m research.bench --sections=$SECTIONS (default speed, mfu, input,
+#            checkpoint, startup): the CPU benchmark's sections at the same sizes (speed
+#            written after each family, every section after it ends: the limit may cut
+#            the last).
 #
 #   OUT=results/gpu bash launch/gpu_benchmarks.sh        # SMOKE=1: tiny sizes (CPU check)
+#   PARTS="gpt2 profile cnn bench" VARIANTS="cudnn:32 cudnn:64" SECTIONS=speed,input \
+#     bash launch/gpu_benchmarks.sh                      # one 10-minute device call
 #
 # Needs prepared TFDS data for mnist, fashion_mnist and tiny_shakespeare in
-# $TFDS_DATA_DIR. Each part has its own time limit; the outputs land in $OUT.
+# $TFDS_DATA_DIR. The outputs land in $OUT.
 set -uo pipefail
 OUT=${OUT:-results/gpu}
 PY=${PY:-python3}
 SMOKE=${SMOKE:-0}
+PARTS=${PARTS:-gpt2 cnn bench}
+SECTIONS=${SECTIONS:-speed,mfu,input,checkpoint,startup}
 mkdir -p "$OUT"
 work=$(mktemp -d)
 export PYTHONUNBUFFERED=1
@@ -32,7 +37,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 "$PY" -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())" \
   | tee -a "$OUT/gpu.txt"
 
-gpt2=(--config.log_every_steps=50 --config.eval_every_steps=-1)
+gpt2=(--config.log_every_steps=50 --config.eval_every_steps=-1 ${GPT2_EXTRA:-})
 cnn=(--config.eval_every_steps=100)
 bench=()
 if [ "$SMOKE" = 1 ]; then
@@ -43,38 +48,41 @@ if [ "$SMOKE" = 1 ]; then
   bench+=(--smoke)
 fi
 
-if [ "${PROFILE:-0}" = 1 ]; then
-  echo "== 4. GPT-2-small-shaped LM: attention variants and per-kernel profile"
-  smoke_flag=()
+part_profile() {
+  echo "== profile: GPT-2-small-shaped LM's step by attention variant, per-kernel profile"
+  local smoke_flag=()
   [ "$SMOKE" = 1 ] && smoke_flag=(--smoke)
-  timeout 540 "$PY" launch/gpu_lm_profile.py "$OUT" "${smoke_flag[@]}" > "$OUT/lm_profile.log" 2>&1
+  VARIANTS=${VARIANTS:-} timeout "${PROFILE_LIMIT:-540}" "$PY" launch/gpu_lm_profile.py "$OUT" \
+    "${smoke_flag[@]}" > "$OUT/lm_profile.log" 2>&1
   echo "exit $?"
   grep -v "^[IWE][0-9]" "$OUT/lm_profile.log" | tail -n 40
-  rm -rf "$work"
-  exit 0
-fi
+}
 
-echo "== 1. GPT-2-small-shaped LM, bf16"
-timeout 180 "$PY" -m research.train --config=experiments/shakespeare_char.py:size=gpt2 \
-  --workdir="$work/gpt2" "${gpt2[@]}" > "$OUT/gpt2.log" 2>&1
-status=$?
-echo "exit $status"
-if [ "$status" != 0 ]; then  # e.g. no cuDNN attention here: XLA's own, once
-  tail -n 3 "$OUT/gpt2.log"
-  timeout 100 "$PY" -m research.train --config=experiments/shakespeare_char.py:size=gpt2 \
-    --workdir="$work/gpt2_xla" "${gpt2[@]}" --config.model.attention=xla \
-    > "$OUT/gpt2_xla_attention.log" 2>&1
-  echo "XLA attention: exit $?"
-  grep -E "step .*MFU" "$OUT/gpt2_xla_attention.log" | sed 's/^.*\] //'
-fi
-grep -E "step .*MFU|TIMING\] first step|metrics at step" "$OUT/gpt2.log" | sed 's/^.*\] //'
+part_gpt2() {
+  echo "== gpt2: GPT-2-small-shaped LM, bf16"
+  timeout "${GPT2_LIMIT:-180}" "$PY" -m research.train --config=experiments/shakespeare_char.py:size=gpt2 \
+    --workdir="$work/gpt2" "${gpt2[@]}" > "$OUT/gpt2.log" 2>&1
+  local status=$?
+  echo "exit $status"
+  if [ "$status" != 0 ] && [ "${GPT2_RETRY:-1}" = 1 ]; then  # XLA's attention, once
+    tail -n 3 "$OUT/gpt2.log"
+    timeout 100 "$PY" -m research.train --config=experiments/shakespeare_char.py:size=gpt2 \
+      --workdir="$work/gpt2_xla" "${gpt2[@]}" --config.model.attention=xla \
+      > "$OUT/gpt2_xla_attention.log" 2>&1
+    echo "XLA attention: exit $?"
+    grep -E "step .*MFU" "$OUT/gpt2_xla_attention.log" | sed 's/^.*\] //'
+  fi
+  grep -E "step .*MFU|TIMING\] first step|metrics at step|attention" "$OUT/gpt2.log" | sed 's/^.*\] //'
+}
 
-echo "== 2. MNIST CNN, time to 99% test accuracy"
-start=$(date +%s.%N)
-timeout 100 "$PY" -m research.train --config=experiments/mnist_cnn.py --workdir="$work/cnn" \
-  "${cnn[@]}" > "$OUT/mnist_cnn.log" 2>&1
-echo "exit $?"
-"$PY" - "$work/cnn/metrics.jsonl" "$start" <<'EOF' | tee "$OUT/mnist_cnn_time_to_99.txt"
+part_cnn() {
+  echo "== cnn: MNIST CNN, time to 99% test accuracy"
+  local start
+  start=$(date +%s.%N)
+  timeout "${CNN_LIMIT:-100}" "$PY" -m research.train --config=experiments/mnist_cnn.py --workdir="$work/cnn" \
+    "${cnn[@]}" > "$OUT/mnist_cnn.log" 2>&1
+  echo "exit $?"
+  "$PY" - "$work/cnn/metrics.jsonl" "$start" <<'EOF2' | tee "$OUT/mnist_cnn_time_to_99.txt"
 import json, sys
 records = [json.loads(line) for line in open(sys.argv[1])]
 start = float(sys.argv[2])
@@ -89,13 +97,23 @@ if hit:
         f"(first log line at {first_train - start:.1f} s)")
 else:
   print("99% not reached")
-EOF
+EOF2
+}
 
-echo "== 3. research.bench"
-# PyTorch shares the GPU with JAX here: no preallocation of 75% of its memory.
-# Speed and input first: what changed since the first GPU run (one dispatch per step).
-XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 270 "$PY" -m research.bench --sections=speed,mfu,input,checkpoint,startup \
-  --out="$OUT/benchmarks_gpu" "${bench[@]}" > "$OUT/bench.log" 2>&1
-echo "exit $?"
-tail -n 5 "$OUT/bench.log"
+part_bench() {
+  echo "== bench: research.bench --sections=$SECTIONS"
+  # PyTorch shares the GPU with JAX here: no preallocation of 75% of its memory.
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${BENCH_LIMIT:-270}" "$PY" -m research.bench \
+    --sections="$SECTIONS" --out="$OUT/benchmarks_gpu" "${bench[@]}" > "$OUT/bench.log" 2>&1
+  echo "exit $?"
+  tail -n 5 "$OUT/bench.log"
+}
+
+[ "${PROFILE:-0}" = 1 ] && PARTS=profile  # the older spelling
+for part in $PARTS; do
+  case "$part" in
+    gpt2 | profile | cnn | bench) "part_$part" ;;
+    *) echo "unknown part '$part': valid: gpt2 profile cnn bench" >&2; rm -rf "$work"; exit 2 ;;
+  esac
+done
 rm -rf "$work"

@@ -2,6 +2,7 @@
 implementation and batch, then where the time goes (JAX's profiler, per device kernel).
 
     python launch/gpu_lm_profile.py OUT_DIR [--smoke]
+    VARIANTS="cudnn:32 cudnn:64" python launch/gpu_lm_profile.py OUT_DIR   # attention:batch
 
 Prints a table; writes OUT_DIR/lm_profile.json. A diagnostic for
 results/benchmarks_gpu.md, run by hand on a GPU machine.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import collections
 import glob
 import json
+import os
 import sys
 import tempfile
 import time
@@ -102,6 +104,8 @@ def main():
   # cuDNN's first: the variant the gpt2 config runs on a GPU (attention="auto"), the one
   # the first try (2026-11-25) did not reach before its time limit.
   variants = [("cudnn", 32), ("xla", 32), ("cudnn", 64), ("einsum", 32)]
+  if os.environ.get("VARIANTS"):
+    variants = [(v.split(":")[0], int(v.split(":")[1])) for v in os.environ["VARIANTS"].split()]
   best = None
   for attention, batch in variants:
     try:

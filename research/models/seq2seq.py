@@ -111,7 +111,7 @@ class Seq2SeqTransformer(nn.Module):
     dtype = layers.compute_dtype(self.dtype)
     out_stddev = 0.02 / (2 * self.num_layers) ** 0.5
     qkv_stddev = self.embed_dim**-0.5
-    self.embedding = nn.Embed(
+    self.embedding = layers.Embed(
       self.vocab_size, self.embed_dim, dtype=dtype,
       embedding_init=_init(self.embed_dim**-0.5, ("vocab", "embed")),
     )  # fmt: skip

@@ -239,7 +239,7 @@ class TransformerLM(nn.Module):
       raise ValueError(f"sequence length {length} > model.max_len={self.max_len}")
     dtype = layers.compute_dtype(self.dtype)
     out_stddev = 0.02 / (2 * self.num_layers) ** 0.5
-    embedding = nn.Embed(
+    embedding = layers.Embed(
       self.vocab_size, self.embed_dim, dtype=dtype,
       embedding_init=_init(0.02, ("vocab", "embed")), name="embedding",
     )  # fmt: skip
