@@ -170,7 +170,13 @@ def fresh_state(exp: Experiment):
 
   from research import transfer
 
-  state = jax.jit(exp.init, out_shardings=exp.state_sharding)()
+  t0 = time.perf_counter()
+  init = jax.jit(exp.init, out_shardings=exp.state_sharding).lower().compile()
+  t1 = time.perf_counter()
+  state = jax.block_until_ready(init())
+  logging.info(
+    "[TIMING] state init: compile %.2fs, run %.2fs", t1 - t0, time.perf_counter() - t1
+  )  # on an H200, 2026-11-26, the GPT-2-shaped LM spent ~90 s here in all: which, unknown
   if exp.config.init.checkpoint:
     state, report = transfer.load_into(state, exp.config.init, exp.tx, exp.state_sharding)
     exp.derived["init"] = report

@@ -175,3 +175,29 @@ def test_im2col_conv_and_its_gradients_equal_lax_conv(padding, kernel_size, stri
   theirs = jax.grad(loss(reference), argnums=(0, 1))(params, x)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("vocab", [65, layers.ONE_HOT_GRAD_MAX_VOCAB + 1])
+def test_embed_gradient_is_a_one_hot_matmul_for_small_vocabularies(dtype, vocab):
+  ids = jax.random.randint(jax.random.key(0), (4, 300), 0, vocab)  # ~18 uses per row at 65
+  ours, flax_embed = layers.Embed(vocab, 16, dtype=dtype), nn.Embed(vocab, 16, dtype=dtype)
+  params = flax_embed.init(jax.random.key(1), ids)
+  # The same parameters (checkpoints of either load into the other) and the same forward.
+  assert jax.tree.structure(ours.init(jax.random.key(1), ids)) == jax.tree.structure(params)
+  np.testing.assert_array_equal(ours.apply(params, ids), flax_embed.apply(params, ids))
+  weights = jax.random.normal(jax.random.key(2), (4, 300, 16))
+  loss = lambda m: lambda p: jnp.sum(m.apply(p, ids).astype(jnp.float32) * weights)  # noqa: E731
+  grad = jax.jit(jax.grad(loss(ours)))
+  table = params["params"]["embedding"]
+  # Reference: the same sum in float64 (numpy), rounded once to the compute dtype.
+  # (the lookup's cotangent is `weights` in the compute dtype).
+  want = np.zeros(table.shape)
+  dy = np.asarray(weights.astype(dtype), np.float64).reshape(-1, 16)
+  np.add.at(want, np.asarray(ids).reshape(-1), dy)
+  got = grad(params)["params"]["embedding"]
+  assert got.dtype == table.dtype
+  tolerance = 1e-5 if dtype == jnp.float32 else 2**-8
+  np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance)
+  scatters = grad.lower(params).as_text().count('"stablehlo.scatter"')
+  assert scatters == (0 if vocab <= layers.ONE_HOT_GRAD_MAX_VOCAB else 1)
