@@ -32,23 +32,34 @@ def build(attention: str, batch: int, smoke: bool):
   if smoke:
     config.model.num_layers, config.model.embed_dim, config.model.num_heads = 1, 32, 2
     config.data.seq_len = config.model.max_len = 32
+  t0 = time.perf_counter()
   exp = experiment.build(config)
   loader = exp.dataset.train_loader(config.global_batch_size, config.seed)
   batch_arrays = parallel.global_batch(loader(0), exp.batch_sharding)
+  t1 = time.perf_counter()
   state = experiment.fresh_state(exp)
+  t2 = time.perf_counter()
   step = train.jit_train_step(exp).lower(state, batch_arrays).compile()
-  return config, exp, step, state, batch_arrays
+  seconds = {"build": t1 - t0, "state_init": t2 - t1, "step_compile": time.perf_counter() - t2}
+  print(f"{attention} batch {batch}: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
+  return config, exp, step, state, batch_arrays, seconds
 
 
-def time_steps(step, state, batch, steps: int):
+def time_steps(step, state, batch, steps: int = 0, seconds: float = 0.0):
+  """Seconds per step over `steps` steps, or over as many as fill `seconds` (sustained:
+  research.train's log windows span seconds, and a GPU's clock may drop under load)."""
   for _ in range(2):
     state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
   t0 = time.perf_counter()
-  for _ in range(steps):
+  done = 0
+  while done < steps or (seconds and time.perf_counter() - t0 < seconds):
     state, metrics = step(state, batch)
+    done += 1
+    if seconds and done % 10 == 0:
+      jax.block_until_ready(metrics)
   jax.block_until_ready(metrics)
-  return (time.perf_counter() - t0) / steps, state
+  return (time.perf_counter() - t0) / done, state
 
 
 def kernel_table(step, state, batch, steps: int = 3, top: int = 15) -> dict:
@@ -73,11 +84,27 @@ def kernel_table(step, state, batch, steps: int = 3, top: int = 15) -> dict:
       table = "op" if line.name == "XLA Ops" else "kernel" if "Stream" in line.name else None
       if table:
         for event in line.events:
-          by[table][event.name] += event.duration_ns / 1e6 / steps
+          name = event.name
+          if table == "kernel":  # the XLA op it ran for, where the profiler says
+            try:
+              stats = dict(event.stats)
+            except (TypeError, ValueError):  # a profiler whose stats are not pairs
+              stats = {}
+            op = stats.get("hlo_op") or stats.get("tf_op")
+            name = f"{name} [{op}]" if op and op != name else name
+          by[table][name] += event.duration_ns / 1e6 / steps
   result = {"planes": planes}
   for table, counter in by.items():
     total = sum(counter.values())
-    grouped = bench.group_by_source(counter, sources if table == "op" else {})
+    if table == "kernel":  # the source of the op in brackets (or of the fusion named)
+      kernel_sources = {}
+      for name in counter:
+        op = name.rsplit(" [", 1)[-1].rstrip("]") if name.endswith("]") else name
+        if op in sources:
+          kernel_sources[name] = sources[op]
+      grouped = bench.group_by_source(counter, kernel_sources)
+    else:
+      grouped = bench.group_by_source(counter, sources)
     result[f"{table}_total_ms"] = total
     result[table] = [
       {"name": n[:90], "source": src[:120], "ms_per_step": ms, "share": ms / max(total, 1e-9)}
@@ -109,8 +136,9 @@ def main():
   best = None
   for attention, batch in variants:
     try:
-      config, exp, step, state, arrays = build(attention, batch, smoke)
+      config, exp, step, state, arrays, setup = build(attention, batch, smoke)
       seconds, state = time_steps(step, state, arrays, 3 if smoke else 10)
+      sustained, state = time_steps(step, state, arrays, seconds=0.2 if smoke else 5.0)
     except Exception as e:  # noqa: BLE001  a variant this machine cannot run
       results["variants"].append({"attention": attention, "batch": batch, "error": str(e)[:300]})
       print(f"{attention:7s} batch {batch}: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -121,7 +149,8 @@ def main():
     row = {
       "attention": attention, "batch": batch, "step_ms": 1e3 * seconds,
       "tflops": model_flops / seconds / 1e12, "mfu": model_flops / seconds / peak,
-      "peak": source,
+      "step_ms_sustained_5s": 1e3 * sustained, "mfu_sustained_5s": model_flops / sustained / peak,
+      "peak": source, "setup_seconds": setup,
     }  # fmt: skip
     results["variants"].append(row)
     print(json.dumps(row), flush=True)
