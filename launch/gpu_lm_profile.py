@@ -21,7 +21,7 @@ from pathlib import Path
 
 import jax
 
-from research import bench, experiment, flops, parallel, train
+from research import bench, experiment, flops, parallel, runtime, train
 from research import config as config_lib
 
 
@@ -125,6 +125,8 @@ def main():
   every variant: a run stopped by its time limit (a slow cuDNN compile) keeps both."""
   out = Path(sys.argv[1])
   smoke = "--smoke" in sys.argv
+  # research.train's cache: a gpt2 run after this one skips compiling the same state init.
+  runtime.enable_compilation_cache()
   out.mkdir(parents=True, exist_ok=True)
   results = {"device": str(jax.devices()[0].device_kind), "variants": []}
   write = lambda: (out / "lm_profile.json").write_text(json.dumps(results, indent=1) + "\n")  # noqa: E731
