@@ -25,6 +25,13 @@ PY=${PY:-python3}
 SMOKE=${SMOKE:-0}
 PARTS=${PARTS:-gpt2 cnn bench}
 SECTIONS=${SECTIONS:-speed,mfu,input,checkpoint,startup}
+[ "${PROFILE:-0}" = 1 ] && PARTS=profile  # the older spelling
+for part in $PARTS; do  # all checked before anything runs
+  case "$part" in
+    gpt2 | profile | cnn | bench) ;;
+    *) echo "unknown part '$part': valid: gpt2 profile cnn bench" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$OUT"
 work=$(mktemp -d)
 export PYTHONUNBUFFERED=1
@@ -109,11 +116,7 @@ part_bench() {
   tail -n 5 "$OUT/bench.log"
 }
 
-[ "${PROFILE:-0}" = 1 ] && PARTS=profile  # the older spelling
 for part in $PARTS; do
-  case "$part" in
-    gpt2 | profile | cnn | bench) "part_$part" ;;
-    *) echo "unknown part '$part': valid: gpt2 profile cnn bench" >&2; rm -rf "$work"; exit 2 ;;
-  esac
+  "part_$part"
 done
 rm -rf "$work"

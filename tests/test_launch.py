@@ -1,8 +1,12 @@
-"""SLURM and Cloud TPU launchers cannot run here: their --dry_run prints the exact commands."""
+"""SLURM and Cloud TPU launchers cannot run here: their --dry_run prints the exact commands.
+The GPU benchmark script runs its LM profile at smoke sizes on the CPU."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
+import sys
 
 from research import config as config_lib
 
@@ -58,3 +62,24 @@ def test_launchers_reject_bad_options():
   bad = _run("tpu_vm.sh", "--dry_run", "--zone=z", "--accelerator_type=v4-8", "--", *TRAIN)
   assert bad.returncode == 2 and "--name= is required" in bad.stderr
   assert _run("slurm.sh", "--nodes_typo=2").returncode == 2
+
+
+def test_gpu_benchmark_script_runs_its_parts_on_the_cpu(tmp_path, tfds_data_dir):
+  env = {
+    **os.environ, "TFDS_DATA_DIR": tfds_data_dir, "PY": sys.executable, "OUT": str(tmp_path),
+    "SMOKE": "1", "PARTS": "profile", "VARIANTS": "cudnn:4 xla:4",
+  }  # fmt: skip
+  script = str(LAUNCH / "gpu_benchmarks.sh")
+  result = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout + result.stderr
+  saved = json.loads((tmp_path / "lm_profile.json").read_text())
+  cudnn, xla = saved["variants"]
+  assert cudnn["attention"] == "cudnn" and "error" in cudnn  # no cuDNN here: the row says why
+  assert xla["step_ms"] > 0 and xla["step_ms_sustained_5s"] > 0 and xla["mfu"] > 0
+  assert set(xla["setup_seconds"]) == {"build", "state_init", "step_compile"}
+  assert saved["profile_of"]["attention"] == "xla" and "kernel" in saved["kernels"]
+  bad = subprocess.run(
+    ["bash", script], env={**env, "PARTS": "profile bogus"}, capture_output=True, text=True
+  )
+  assert bad.returncode == 2
+  assert "unknown part 'bogus': valid: gpt2 profile cnn bench" in bad.stderr
