@@ -151,7 +151,9 @@ conv_valid.defvjp(_conv_valid_fwd, _conv_valid_bwd)
 
 
 # Up to this many rows, an embedding's gradient is a one-hot matmul instead of a scatter.
-ONE_HOT_GRAD_MAX_VOCAB = 4096
+# The one-hot (tokens x rows, in the compute dtype) is then no larger than dy itself at
+# widths >= 1,024; larger vocabularies spread the scatter's updates over more rows.
+ONE_HOT_GRAD_MAX_VOCAB = 1024
 
 
 @jax.custom_vjp
