@@ -17,6 +17,13 @@
 #   PARTS="gpt2 profile cnn bench" VARIANTS="cudnn:32 cudnn:64" SECTIONS=speed,input \
 #     bash launch/gpu_benchmarks.sh                      # one 10-minute device call
 #
+# Per-part limits in seconds: GPT2_LIMIT (180), PROFILE_LIMIT (540), CNN_LIMIT (100),
+# BENCH_LIMIT (270). GPT2_EXTRA: more flags for the gpt2 run; GPT2_RETRY=0: no retry
+# with XLA's attention after a failed gpt2 run. On a GPU, $OUT/clocks.csv samples the
+# SM clock, power and temperature every second throughout (a clock that drops under
+# sustained load would explain research.train's windows running slower than a 10-step
+# burst of the bare step).
+#
 # Needs prepared TFDS data for mnist, fashion_mnist and tiny_shakespeare in
 # $TFDS_DATA_DIR. The outputs land in $OUT.
 set -uo pipefail
@@ -41,6 +48,12 @@ export RESEARCH_COMPILATION_CACHE="$work/jax_cache"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
   > "$OUT/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$OUT/gpu.txt"
+sampler=""
+if command -v nvidia-smi > /dev/null; then
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,utilization.gpu \
+    --format=csv -l 1 > "$OUT/clocks.csv" 2>&1 &
+  sampler=$!
+fi
 "$PY" -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())" \
   | tee -a "$OUT/gpu.txt"
 
@@ -117,6 +130,8 @@ part_bench() {
 }
 
 for part in $PARTS; do
+  echo "$(date -u +%H:%M:%S) $part" >> "$OUT/gpu.txt"  # to place the parts in clocks.csv
   "part_$part"
 done
+[ -n "$sampler" ] && kill "$sampler"
 rm -rf "$work"
