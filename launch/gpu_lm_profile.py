@@ -75,6 +75,7 @@ def kernel_table(step, state, batch, steps: int = 3, top: int = 15) -> dict:
     path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
     profile = jax.profiler.ProfileData.from_file(path)
   by = {"op": collections.Counter(), "kernel": collections.Counter()}
+  row_sources = {}  # a row's name -> the model code of the XLA op it ran for
   planes = []
   for plane in profile.planes:
     planes.append((plane.name, [line.name for line in plane.lines][:12]))
@@ -84,27 +85,20 @@ def kernel_table(step, state, batch, steps: int = 3, top: int = 15) -> dict:
       table = "op" if line.name == "XLA Ops" else "kernel" if "Stream" in line.name else None
       if table:
         for event in line.events:
-          name = event.name
+          name = op = event.name
           if table == "kernel":  # the XLA op it ran for, where the profiler says
             try:
               stats = dict(event.stats)
             except (TypeError, ValueError):  # a profiler whose stats are not pairs
               stats = {}
-            op = stats.get("hlo_op") or stats.get("tf_op")
-            name = f"{name} [{op}]" if op and op != name else name
+            op = stats.get("hlo_op") or stats.get("tf_op") or name
+            name = f"{name} [{op}]" if op != name else name
           by[table][name] += event.duration_ns / 1e6 / steps
+          row_sources[name] = sources.get(op, "")
   result = {"planes": planes}
   for table, counter in by.items():
     total = sum(counter.values())
-    if table == "kernel":  # the source of the op in brackets (or of the fusion named)
-      kernel_sources = {}
-      for name in counter:
-        op = name.rsplit(" [", 1)[-1].rstrip("]") if name.endswith("]") else name
-        if op in sources:
-          kernel_sources[name] = sources[op]
-      grouped = bench.group_by_source(counter, kernel_sources)
-    else:
-      grouped = bench.group_by_source(counter, sources)
+    grouped = bench.group_by_source(counter, row_sources)
     result[f"{table}_total_ms"] = total
     result[table] = [
       {"name": n[:90], "source": src[:120], "ms_per_step": ms, "share": ms / max(total, 1e-9)}
