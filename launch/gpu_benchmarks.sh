@@ -92,7 +92,7 @@ part_gpt2() {
     echo "XLA attention: exit $?"
     grep -E "step .*MFU" "$OUT/gpt2_xla_attention.log" | sed 's/^.*\] //'
   fi
-  grep -E "step .*MFU|TIMING\] first step|metrics at step|attention" "$OUT/gpt2.log" | sed 's/^.*\] //'
+  grep -E "step .*MFU|TIMING\] (state init|first step)|metrics at step|^  attention:" "$OUT/gpt2.log" | sed 's/^.*\] //'
 }
 
 part_cnn() {
