@@ -163,6 +163,14 @@ def build(config, before_data=None) -> Experiment:
   )
 
 
+# XLA's GPU compiler fuses the initialisers of same-shaped parameters (every layer's
+# random draws and truncated normals) into one kernel per shape, and generating code
+# for such a kernel grows faster than its size: the GPT-2-shaped LM's state took 84-88 s
+# to compile on an H200, 78 s of it in code generation. Kept apart (the init runs once:
+# sharing kernels saves it nothing), see results/benchmarks_gpu.md.
+INIT_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "multi_output_fusion"}
+
+
 def fresh_state(exp: Experiment):
   """The initial train state on the mesh: initialised, then (with config.init.checkpoint)
   the mapped parameters loaded from another run (research.transfer)."""
@@ -171,12 +179,11 @@ def fresh_state(exp: Experiment):
   from research import transfer
 
   t0 = time.perf_counter()
-  init = jax.jit(exp.init, out_shardings=exp.state_sharding).lower().compile()
+  lowered = jax.jit(exp.init, out_shardings=exp.state_sharding).lower()
+  init = lowered.compile(compiler_options=INIT_COMPILER_OPTIONS)
   t1 = time.perf_counter()
   state = jax.block_until_ready(init())
-  logging.info(
-    "[TIMING] state init: compile %.2fs, run %.2fs", t1 - t0, time.perf_counter() - t1
-  )  # (H200, 2026-11-26: the GPT-2-shaped LM's data load and config line were 88 s apart)
+  logging.info("[TIMING] state init: compile %.2fs, run %.2fs", t1 - t0, time.perf_counter() - t1)
   if exp.config.init.checkpoint:
     state, report = transfer.load_into(state, exp.config.init, exp.tx, exp.state_sharding)
     exp.derived["init"] = report
