@@ -164,6 +164,33 @@ def test_tuned_malloc_reuses_a_freed_large_block_without_page_faults():
   assert tuned <= untuned // 20  # the same pages again
 
 
+def test_malloc_is_tuned_only_where_jax_computes_on_the_cpu(tmp_path):
+  """One arena serialises XLA's compile threads: not with a GPU or TPU plugin installed,
+  unless $JAX_PLATFORMS puts the CPU first."""
+  if not sys.platform.startswith("linux"):
+    pytest.skip("glibc malloc only")
+  plugin = tmp_path / "jax_plugins" / "xla_cuda13"  # a plugin as JAX finds one (not run)
+  plugin.mkdir(parents=True)
+  (plugin / "__init__.py").write_text("raise ImportError('never imported')\n")
+  code = "from research import runtime; print(runtime.accelerator_plugins(), runtime.tune_malloc())"
+
+  def run(**env):
+    base = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env = {**base, "RESEARCH_MALLOC_TUNING": "1", **env}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    return done.stdout.strip()
+
+  on_cpu = run()
+  if on_cpu.endswith("False"):
+    pytest.skip("not glibc, or this machine has an accelerator plugin")
+  assert on_cpu == "[] True"
+  with_gpu = f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+  assert run(PYTHONPATH=with_gpu) == "['xla_cuda13'] False"
+  assert run(PYTHONPATH=with_gpu, JAX_PLATFORMS="cpu") == "['xla_cuda13'] True"
+  assert run(JAX_PLATFORMS="cuda,cpu") == "[] False"
+
+
 def test_compilation_cache_writes_programs_to_its_directory(tmp_path):
   code = (
     "import research, jax, jax.numpy as jnp; from research import runtime;"
