@@ -78,8 +78,28 @@ def test_gpu_benchmark_script_runs_its_parts_on_the_cpu(tmp_path, tfds_data_dir)
   assert xla["step_ms"] > 0 and xla["step_ms_sustained_5s"] > 0 and xla["mfu"] > 0
   assert set(xla["setup_seconds"]) == {"build", "state_init", "step_compile"}
   assert saved["profile_of"]["attention"] == "xla" and "kernel" in saved["kernels"]
+  assert saved["kernels"]["compiler_options"] == {"xla_gpu_enable_command_buffer": ""}
   bad = subprocess.run(
     ["bash", script], env={**env, "PARTS": "profile bogus"}, capture_output=True, text=True
   )
   assert bad.returncode == 2
   assert "unknown part 'bogus': valid: gpt2 profile cnn bench" in bad.stderr
+
+
+def test_gpu_init_probe_compiles_each_form_of_the_state_init(tmp_path, tfds_data_dir):
+  env = {**os.environ, "TFDS_DATA_DIR": tfds_data_dir}
+  script = str(LAUNCH / "gpu_init_probe.py")
+  rows = []
+  for variant in ("const+nomof", "params_only"):
+    done = subprocess.run(
+      [sys.executable, script, variant, str(tmp_path), "--smoke"],
+      env=env, capture_output=True, text=True, timeout=300, cwd=LAUNCH.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert (tmp_path / f"init_{variant}.hlo.txt").read_text().startswith("HloModule")
+  assert [r["variant"] for r in rows] == ["const+nomof", "params_only"]
+  assert all(r["compile_s"] > 0 and r["fusions"] > 0 for r in rows)
+  bad = subprocess.run([sys.executable, script, "const+typo", str(tmp_path)], env=env,
+                       capture_output=True, text=True, cwd=LAUNCH.parent)  # fmt: skip
+  assert bad.returncode == 1 and "unknown variant 'const+typo'" in bad.stderr
