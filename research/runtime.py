@@ -34,7 +34,8 @@
    autotuner builds candidate kernels in parallel). On an H200's 16-core host,
    research.train compiled the GPT-2-shaped LM's step in 56 s, the same step in a
    script without the tuning in 12-14 s; the MNIST CNN's step in 27-29 s, its
-   evaluation in 11-13 s (results/benchmarks_gpu.md).
+   evaluation in 11-13 s (results/benchmarks_gpu.md). The tuning is the suspected
+   difference, not yet measured without it on the GPU.
 """
 
 from __future__ import annotations
