@@ -17,7 +17,12 @@ Sizes (`shakespeare_char.py:size=...`):
   86M parameters on 65 characters, 124M with GPT-2's 50,257 tokens) in bf16,
   batch 32, attention `auto` (cuDNN's flash attention on a GPU, XLA's own where
   cuDNN refuses): the GPU MFU benchmark of results/benchmarks_gpu.md (12-14% with
-  XLA's attention on an H200: jax.nn's default, which `auto` meant until 2026-11-26).
+  XLA's attention on an H200: jax.nn's default, which `auto` meant until 2026-11-26;
+  40.0-40.8% with cuDNN's).
+- `gpt2_124m`: `gpt2` at GPT-2 small's size, 124M parameters: the embedding and
+  logits have GPT-2's 50,257 tokens padded to 50,304 as nanoGPT does
+  (`model.pad_vocab_to`; the 65 characters use the first rows), so the output
+  layer's matmul and softmax cost what they cost GPT-2.
 """
 
 from research import config as config_lib
@@ -29,7 +34,9 @@ SIZES = {
   "cpu30": (4, 6, 192, 128, 24, 2000, 0.1, 3e-3),
   "baby": (6, 6, 384, 256, 64, 5000, 0.2, 1e-3),
   "gpt2": (12, 12, 768, 1024, 32, 300, 0.0, 6e-4),
+  "gpt2_124m": (12, 12, 768, 1024, 32, 300, 0.0, 6e-4),
 }
+GPT2_PADDED_VOCAB = 50_304  # GPT-2's 50,257 tokens, padded to a multiple of 64 (nanoGPT)
 
 
 def get_config(arg=None):
@@ -50,9 +57,11 @@ def get_config(arg=None):
     "optimizer", "adamw", learning_rate=learning_rate, b2=0.99, weight_decay=0.1, grad_clip_norm=1.0
   )
   config.schedule = config_lib.entry("schedule", "warmup_cosine", warmup_steps=100, end_value=1e-4)
-  if options.size == "gpt2":
+  if options.size.startswith("gpt2"):
     config.dtype = "bfloat16"
     config.model.attention = "auto"
+  if options.size == "gpt2_124m":
+    config.model.pad_vocab_to = GPT2_PADDED_VOCAB
   config.sharding_rules.vocab = ()  # 65 characters divide by no model axis: replicate
   config.global_batch_size = batch
   config.eval_batch_size = 64

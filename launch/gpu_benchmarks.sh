@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Issue 8's GPU benchmarks, on one GPU, in one go (results/benchmarks_gpu.md). Parts, in
 # the order of $PARTS (default "gpt2 cnn bench"), each under its own time limit:
-#   gpt2     GPT-2 small's shape (experiments/shakespeare_char.py:size=gpt2, bf16, cuDNN
-#            attention) under research.train: MFU from its log line;
-#   profile  launch/gpu_lm_profile.py: that LM's bare jitted step by attention variant
+#   gpt2     GPT-2 small's shape (experiments/shakespeare_char.py:size=$LM_SIZE, default
+#            gpt2; gpt2_124m: with GPT-2's padded vocabulary, 124M parameters; bf16,
+#            cuDNN attention) under research.train: MFU from its log line;
+#   profile  launch/gpu_lm_profile.py: that LM's ($LM_SIZE) bare jitted step by attention variant
 #            ($VARIANTS, e.g. "cudnn:32 cudnn:64") and the first one's per-kernel
 #            profile (written as soon as the first variant has run);
 #   cnn      MNIST CNN (experiments/mnist_cnn.py) time to 99% test accuracy,
@@ -32,6 +33,7 @@ PY=${PY:-python3}
 SMOKE=${SMOKE:-0}
 PARTS=${PARTS:-gpt2 cnn bench}
 SECTIONS=${SECTIONS:-speed,mfu,input,checkpoint,startup}
+export LM_SIZE=${LM_SIZE:-gpt2}
 [ "${PROFILE:-0}" = 1 ] && PARTS=profile  # the older spelling
 for part in $PARTS; do  # all checked before anything runs
   case "$part" in
@@ -79,14 +81,14 @@ part_profile() {
 }
 
 part_gpt2() {
-  echo "== gpt2: GPT-2-small-shaped LM, bf16"
-  timeout "${GPT2_LIMIT:-180}" "$PY" -m research.train --config=experiments/shakespeare_char.py:size=gpt2 \
+  echo "== gpt2: GPT-2-small-shaped LM, bf16, size=$LM_SIZE"
+  timeout "${GPT2_LIMIT:-180}" "$PY" -m research.train --config=experiments/shakespeare_char.py:size="$LM_SIZE" \
     --workdir="$work/gpt2" "${gpt2[@]}" > "$OUT/gpt2.log" 2>&1
   local status=$?
   echo "exit $status"
   if [ "$status" != 0 ] && [ "${GPT2_RETRY:-1}" = 1 ]; then  # XLA's attention, once
     tail -n 3 "$OUT/gpt2.log"
-    timeout 100 "$PY" -m research.train --config=experiments/shakespeare_char.py:size=gpt2 \
+    timeout 100 "$PY" -m research.train --config=experiments/shakespeare_char.py:size="$LM_SIZE" \
       --workdir="$work/gpt2_xla" "${gpt2[@]}" --config.model.attention=xla \
       > "$OUT/gpt2_xla_attention.log" 2>&1
     echo "XLA attention: exit $?"

@@ -3,6 +3,7 @@ implementation and batch, then where the time goes (JAX's profiler, per device k
 
     python launch/gpu_lm_profile.py OUT_DIR [--smoke]
     VARIANTS="cudnn:32 cudnn:64" python launch/gpu_lm_profile.py OUT_DIR   # attention:batch
+    LM_SIZE=gpt2_124m python launch/gpu_lm_profile.py OUT_DIR   # GPT-2's vocabulary: 124M
 
 Prints a table; writes OUT_DIR/lm_profile.json. A diagnostic for
 results/benchmarks_gpu.md, run by hand on a GPU machine.
@@ -25,8 +26,14 @@ from research import bench, experiment, flops, parallel, runtime, train
 from research import config as config_lib
 
 
+def lm_size() -> str:
+  """$LM_SIZE: the shakespeare_char size profiled (gpt2, or gpt2_124m: GPT-2's padded
+  vocabulary, 124M parameters)."""
+  return os.environ.get("LM_SIZE", "gpt2")
+
+
 def build(attention: str, batch: int, smoke: bool):
-  config = config_lib.load_file("experiments/shakespeare_char.py:size=gpt2")
+  config = config_lib.load_file(f"experiments/shakespeare_char.py:size={lm_size()}")
   config.model.attention = attention
   config.global_batch_size = batch
   if smoke:
@@ -151,7 +158,7 @@ def main():
     model_flops = flops.config_flops(config, exp.dataset.model_kwargs)
     peak, source = flops.peak_per_device(config.dtype)
     row = {
-      "attention": attention, "batch": batch, "step_ms": 1e3 * seconds,
+      "size": lm_size(), "attention": attention, "batch": batch, "step_ms": 1e3 * seconds,
       "tflops": model_flops / seconds / 1e12, "mfu": model_flops / seconds / peak,
       "step_ms_sustained_5s": 1e3 * sustained, "mfu_sustained_5s": model_flops / sustained / peak,
       "peak": source, "setup_seconds": setup,

@@ -49,6 +49,7 @@ def _window(model, params, context_BxC, key, steps, temperature, top_k, top_p):
   )  # fmt: skip
 
   def choose(logits_BxV, key):
+    logits_BxV = logits_BxV[:, : model.vocab_size]  # not the padding rows (pad_vocab_to)
     if temperature == 0.0:
       return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     filtered = filter_logits(logits_BxV, temperature, top_k, top_p)

@@ -81,7 +81,8 @@ def config_counts(config, model_kwargs: dict) -> dict[str, float] | None:
   model = {**model_kwargs, **{k: v for k, v in config.model.items() if k != "name"}}
   return transformer_lm(
     config.global_batch_size, config.data.seq_len, model.get("num_layers", 4),
-    model.get("embed_dim", 128), model.get("mlp_ratio", 4), model["vocab_size"],
+    model.get("embed_dim", 128), model.get("mlp_ratio", 4),
+    max(model["vocab_size"], model.get("pad_vocab_to", 0)),  # the logits' rows
   )  # fmt: skip
 
 

@@ -63,3 +63,25 @@ def test_sampling_is_a_function_of_the_key():
   draw = lambda seed: decoding.sample(model, params, prompt, 15, jax.random.key(seed), top_k=5)  # noqa: E731
   np.testing.assert_array_equal(draw(0), draw(0))
   assert not np.array_equal(draw(0), draw(1))
+
+
+def test_padded_vocabulary_rows_are_logits_but_never_sampled():
+  """pad_vocab_to (GPT-2's 50,257 -> 50,304 in nanoGPT): the embedding and the logits
+  have the padded rows; decoding picks among the data's vocabulary only, even where a
+  padding row's logit is the largest."""
+  model = registry.models.get("transformer_lm")(
+    vocab_size=11, pad_vocab_to=64, num_layers=1, num_heads=2, embed_dim=16, max_len=12
+  )
+  tokens_BxL = jax.random.randint(jax.random.key(0), (2, 12), 0, 11)
+  params = nn.meta.unbox(model.init(jax.random.key(1), tokens_BxL))["params"]
+  assert params["embedding"]["embedding"].shape == (64, 16)
+  assert model.apply({"params": params}, tokens_BxL).shape == (2, 12, 64)
+  # Padding rows that are real rows times 10: the best real logit's copy beats it.
+  table = params["embedding"]["embedding"]
+  params["embedding"]["embedding"] = table.at[11:].set(10.0 * table[jnp.arange(11, 64) % 11])
+  logits = model.apply({"params": params}, tokens_BxL)
+  assert (jnp.argmax(logits, -1) >= 11).all()
+  prompt = np.array([[1, 2, 3]], np.int32)
+  for temperature in (0.0, 1.0):
+    sampled = decoding.sample(model, params, prompt, 20, jax.random.key(2), temperature)
+    assert sampled.shape == (1, 20) and sampled.max() < 11

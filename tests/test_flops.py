@@ -31,3 +31,20 @@ def test_transformer_flops_match_the_model_and_xla():
   assert xla == pytest.approx(counted["with_attention"] / 3, rel=0.1)  # forward: a third
   causal = flops.transformer_lm(batch, seq, layers, width, 4, vocab)
   assert causal["six_n"] < causal["with_attention"] < counted["with_attention"]
+
+
+def test_config_flops_count_the_padded_vocabulary_rows():
+  """config_counts takes the logits' rows: pad_vocab_to where it is above the data's."""
+  import ml_collections
+
+  config = ml_collections.ConfigDict(
+    {"model": {"name": "transformer_lm", "num_layers": 2, "embed_dim": 64, "pad_vocab_to": 0},
+     "global_batch_size": 4, "data": {"seq_len": 32}}
+  )  # fmt: skip
+  plain = flops.config_counts(config, {"vocab_size": 65})
+  assert plain == flops.transformer_lm(4, 32, 2, 64, 4, 65)
+  config.model.pad_vocab_to = 512
+  padded = flops.config_counts(config, {"vocab_size": 65})
+  assert padded["params_matmul"] - plain["params_matmul"] == (512 - 65) * 64
+  config.model.pad_vocab_to = 32  # below the data's: no effect
+  assert flops.config_counts(config, {"vocab_size": 65}) == plain

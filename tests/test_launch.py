@@ -79,6 +79,14 @@ def test_gpu_benchmark_script_runs_its_parts_on_the_cpu(tmp_path, tfds_data_dir)
   assert set(xla["setup_seconds"]) == {"build", "state_init", "step_compile"}
   assert saved["profile_of"]["attention"] == "xla" and "kernel" in saved["kernels"]
   assert saved["kernels"]["compiler_options"] == {"xla_gpu_enable_command_buffer": ""}
+  assert xla["size"] == "gpt2"
+  # research.train at GPT-2's padded vocabulary (LM_SIZE=gpt2_124m), smoke-sized layers
+  gpt2 = subprocess.run(
+    ["bash", script], env={**env, "PARTS": "gpt2", "LM_SIZE": "gpt2_124m", "GPT2_RETRY": "0"},
+    capture_output=True, text=True, timeout=600,
+  )  # fmt: skip
+  assert gpt2.returncode == 0 and "exit 0" in gpt2.stdout, gpt2.stdout + gpt2.stderr
+  assert "size=gpt2_124m" in gpt2.stdout and "step 4/4" in gpt2.stdout
   bad = subprocess.run(
     ["bash", script], env={**env, "PARTS": "profile bogus"}, capture_output=True, text=True
   )

@@ -143,3 +143,19 @@ def test_bad_options_name_the_key():
     _init(model)
   with pytest.raises(ValueError, match="sequence length 17 > model.max_len=16"):
     _init(_model(), length=17)
+
+
+def test_gpt2_124m_config_has_gpt2_small_parameter_count():
+  """shakespeare_char.py:size=gpt2_124m: GPT-2 small's shape with its vocabulary padded
+  as nanoGPT pads it, so 124M parameters on 65 characters (abstract: nothing runs)."""
+  config = config_lib.load_file(
+    f"{config_lib.REPO_ROOT}/experiments/shakespeare_char.py:size=gpt2_124m"
+  )
+  assert config.model.pad_vocab_to == 50_304 and config.dtype == "bfloat16"
+  model = registry.models.get("transformer_lm")(
+    **{k: v for k, v in config.model.items() if k != "name"}, vocab_size=65
+  )
+  tokens = jax.ShapeDtypeStruct((1, config.data.seq_len), np.int32)
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), tokens)
+  count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nn.meta.unbox(shapes)["params"]))
+  assert count == 124_373_760  # nanoGPT's GPT-2 (bias=False, padded vocabulary): 124M

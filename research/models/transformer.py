@@ -204,6 +204,10 @@ class TransformerLM(nn.Module):
   nanoGPT's choices by default: pre-LayerNorm without biases, learned
   positions, GELU MLP of 4x width, tied input/output embeddings, N(0, 0.02)
   initialisation with residual projections scaled by 1/sqrt(2 * num_layers).
+
+  `pad_vocab_to`: rows of the embedding (and logits) when more than the data's
+  `vocab_size`, as nanoGPT pads GPT-2's 50,257 tokens to 50,304; the extra rows are
+  never a target (decoding never picks them).
   """
 
   vocab_size: int
@@ -217,7 +221,13 @@ class TransformerLM(nn.Module):
   dropout: float = 0.0
   tied_embeddings: bool = True
   attention: str = "einsum"  # "auto", "xla" or "cudnn": jax.nn.dot_product_attention
+  pad_vocab_to: int = 0
   dtype: str = "float32"
+
+  @property
+  def rows(self) -> int:
+    """Rows of the embedding and of the logits: vocab_size, or pad_vocab_to if more."""
+    return max(self.vocab_size, self.pad_vocab_to)
 
   @nn.compact
   def __call__(
@@ -240,7 +250,7 @@ class TransformerLM(nn.Module):
     dtype = layers.compute_dtype(self.dtype)
     out_stddev = 0.02 / (2 * self.num_layers) ** 0.5
     embedding = layers.Embed(
-      self.vocab_size, self.embed_dim, dtype=dtype,
+      self.rows, self.embed_dim, dtype=dtype,
       embedding_init=_init(0.02, ("vocab", "embed")), name="embedding",
     )  # fmt: skip
     x_BxLxD = embedding(tokens_BxL)
@@ -273,7 +283,7 @@ class TransformerLM(nn.Module):
       logits_BxLxV = embedding.attend(x_BxLxD)
     else:
       logits_BxLxV = nn.Dense(
-        self.vocab_size, use_bias=False, dtype=dtype,
+        self.rows, use_bias=False, dtype=dtype,
         kernel_init=_init(0.02, ("embed", "vocab")), name="head",
       )(x_BxLxD)  # fmt: skip
     return layers.constrain(logits_BxLxV.astype(jnp.float32), ("batch", None, "vocab"))
