@@ -34,8 +34,8 @@ SIZES = {
   "cpu30": (4, 6, 192, 128, 24, 2000, 0.1, 3e-3),
   "baby": (6, 6, 384, 256, 64, 5000, 0.2, 1e-3),
   "gpt2": (12, 12, 768, 1024, 32, 300, 0.0, 6e-4),
-  "gpt2_124m": (12, 12, 768, 1024, 32, 300, 0.0, 6e-4),
 }
+SIZES["gpt2_124m"] = SIZES["gpt2"]  # the same model; its vocabulary padded below
 GPT2_PADDED_VOCAB = 50_304  # GPT-2's 50,257 tokens, padded to a multiple of 64 (nanoGPT)
 
 

@@ -80,17 +80,19 @@ part_profile() {
   grep -v "^[IWE][0-9]" "$OUT/lm_profile.log" | tail -n 40
 }
 
+train_gpt2() {  # NAME LIMIT [FLAGS...]: research.train in $work/NAME, logged to $OUT/NAME.log
+  timeout "$2" "$PY" -m research.train --config=experiments/shakespeare_char.py:size="$LM_SIZE" \
+    --workdir="$work/$1" "${gpt2[@]}" "${@:3}" > "$OUT/$1.log" 2>&1
+}
+
 part_gpt2() {
   echo "== gpt2: GPT-2-small-shaped LM, bf16, size=$LM_SIZE"
-  timeout "${GPT2_LIMIT:-180}" "$PY" -m research.train --config=experiments/shakespeare_char.py:size="$LM_SIZE" \
-    --workdir="$work/gpt2" "${gpt2[@]}" > "$OUT/gpt2.log" 2>&1
+  train_gpt2 gpt2 "${GPT2_LIMIT:-180}"
   local status=$?
   echo "exit $status"
   if [ "$status" != 0 ] && [ "${GPT2_RETRY:-1}" = 1 ]; then  # XLA's attention, once
     tail -n 3 "$OUT/gpt2.log"
-    timeout 100 "$PY" -m research.train --config=experiments/shakespeare_char.py:size="$LM_SIZE" \
-      --workdir="$work/gpt2_xla" "${gpt2[@]}" --config.model.attention=xla \
-      > "$OUT/gpt2_xla_attention.log" 2>&1
+    train_gpt2 gpt2_xla_attention 100 --config.model.attention=xla
     echo "XLA attention: exit $?"
     grep -E "step .*MFU" "$OUT/gpt2_xla_attention.log" | sed 's/^.*\] //'
   fi
