@@ -7,6 +7,10 @@ step stays a temporary directory, which Orbax ignores, and earlier checkpoints
 are untouched. `close()` waits for the last save (exiting with a save in flight
 hangs Orbax). Restore always goes into an abstract target built on the current
 mesh.
+
+Replicated arrays are written by one replica in a single process (`use_array_handler`):
+Orbax's default on the CPU and TPU splits every replicated array among its replicas,
+one sliced copy per replica, which on one host only adds dispatches and compiles.
 """
 
 from __future__ import annotations
@@ -19,6 +23,42 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+# Replica-parallel writes below this many bytes per replica cost more than they share.
+MIN_REPLICA_PARALLEL_SLICE_BYTES = 1 << 20
+_array_handler = None  # the one use_array_handler registered
+
+
+def use_array_handler() -> None:
+  """Registers Orbax's jax.Array handler with replica-parallel writes only across
+  processes, and only for slices of at least MIN_REPLICA_PARALLEL_SLICE_BYTES.
+
+  Orbax's default (except under JAX_PLATFORMS=cuda) has every replica of a replicated
+  array write 1/R of it, each through a sliced copy: a dispatch per replica and array,
+  and a compile per new slice shape. In one process the same process writes all of
+  it anyway. Measured on 8 CPU devices, data parallel, 238 small arrays: the loop
+  blocked 1.56 s on the first save and 0.29 s on each later one; one replica per
+  array: 0.09 s and 0.02-0.06 s. Across processes each host still writes its share of
+  large replicated arrays. The on-disk format is the same; only the chunking differs.
+  """
+  global _array_handler
+  if _array_handler is not None and ocp.type_handlers.get_type_handler(jax.Array) is _array_handler:
+    return
+  try:  # the metadata store Orbax's default registry gives its handler
+    from orbax.checkpoint._src.metadata import array_metadata_store
+  except ImportError:  # another Orbax layout: keep its default handler
+    return
+  _array_handler = ocp.type_handlers.ArrayHandler(
+    array_metadata_store=array_metadata_store.Store(),
+    use_replica_parallel=jax.process_count() > 1,
+    min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_SLICE_BYTES,
+  )
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # Orbax warns that the handler is replaced
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, _array_handler, override=True)
+  finally:
+    logging.set_verbosity(verbosity)
+
 
 class SaveFailed(RuntimeError):
   """A checkpoint could not be written; the message names the step and the reason."""
@@ -29,6 +69,7 @@ class Checkpointer:
     self.directory = Path(directory).absolute()
     self._saving_step: int | None = None  # a save started and not yet seen to finish
     self._failed = False
+    use_array_handler()
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(

@@ -40,11 +40,17 @@ def test_smoke_run_writes_every_section(tmp_path, tfds_data_dir, mnist_raw_dir, 
     assert 0 <= row["wait_fraction"] < 1 and row["loader_examples_per_sec"] > 0
   for row in results["checkpoint"].values():
     assert 0 < row["blocked_sec"] <= row["save_total_sec"] and row["restore_sec"] > 0
+  mesh = results["checkpoint_mesh"]  # 8 CPU devices, both array handlers
+  assert mesh["devices"] == 8 and mesh["arrays"] > 50
+  assert all(
+    mesh[h]["first_blocked_sec"] > 0 and mesh[h]["blocked_sec"] > 0 for h in ("research", "orbax")
+  )
   startup = results["startup"]["mlp"]
   assert startup["cold"]["first_step_sec"] > 0 and startup["warm"]["first_step_sec"] > 0
   report = (tmp_path / "benchmarks.md").read_text()
   for heading in ("## Speed", "## MFU", "## Input pipeline", "## Checkpointing", "## Start-up"):
     assert heading in report
+  assert "| Orbax default |" in report
   assert "old tables" not in report and report.endswith("## Discussion\n\nhand-written\n")
 
 

@@ -197,3 +197,40 @@ def test_checkpoint_restores_across_meshes(mnist, tfds_data_dir, mnist_raw_dir, 
   # metrics.jsonl holds every segment in order: steps 1-20, 21-40 (8 devices), 41-60.
   assert len(moved) == 60
   assert moved == pytest.approx(straight, rel=1e-5)
+
+
+SAVE_REPLICATED = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from orbax.checkpoint._src.serialization import replica_slices
+from research import checkpoint
+sliced = []  # each replica's share of a replicated array, as Orbax cuts it
+original = replica_slices.ReplicaSlice.data
+def data(self):
+  sliced.extend([self.slice_args] if self.slice_args is not None else [])
+  return original(self)
+replica_slices.ReplicaSlice.data = data
+if sys.argv[2] == "orbax_default":
+  checkpoint.use_array_handler = lambda: None
+mesh = jax.make_mesh((8,), ("data",))
+w = jax.device_put(jnp.arange(64.0).reshape(8, 8), jax.NamedSharding(mesh, jax.P()))
+ckpt = checkpoint.Checkpointer(sys.argv[1], 2)
+ckpt.save(1, {"w": w, "b": w[0]}, {})
+ckpt.close()
+np.testing.assert_array_equal(checkpoint.read_tree(sys.argv[1])[1]["w"], np.asarray(w))
+print(len(sliced))
+"""
+
+
+@pytest.mark.parametrize("handler", ["research", "orbax_default"])
+def test_one_process_saves_each_replicated_array_from_one_replica(handler, tmp_path):
+  """Orbax's default on the CPU cuts each replicated array into one slice per replica
+  (a dispatch each, a compile per new shape); in one process that only costs time."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(config_lib.REPO_ROOT))
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  result = subprocess.run(
+    [sys.executable, "-c", SAVE_REPLICATED, str(tmp_path / "ckpt"), handler],
+    capture_output=True, text=True, env=env, timeout=300,
+  )  # fmt: skip
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert int(result.stdout.split()[-1]) == (0 if handler == "research" else 16)
