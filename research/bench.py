@@ -517,8 +517,6 @@ def checkpoint_mesh_row(smoke: bool, root: str, repeats: int = 3) -> dict:
   process with that many host devices."""
   import jax
   import jax.numpy as jnp
-  import orbax.checkpoint as ocp
-  from orbax.checkpoint._src.metadata import array_metadata_store
 
   from research import checkpoint, registry
 
@@ -530,13 +528,13 @@ def checkpoint_mesh_row(smoke: bool, root: str, repeats: int = 3) -> dict:
   leaves = {"variables": shapes, "mu": shapes["params"], "nu": shapes["params"]}
   state = jax.tree.map(lambda x: jax.device_put(jnp.ones(x.shape, x.dtype), replicated), leaves)
 
-  def orbax_default():
-    handler = ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store())
-    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
-
   rows = {}
   # The framework's first: Orbax's default compiles its slices, which ours never uses.
-  for name, register in (("research", checkpoint.use_array_handler), ("orbax", orbax_default)):
+  handlers = (
+    ("research", checkpoint.use_array_handler),
+    ("orbax", checkpoint.register_array_handler),
+  )
+  for name, register in handlers:
     ckpt = checkpoint.Checkpointer(Path(root) / f"mesh_{name}", max_to_keep=2)
     register()  # after the Checkpointer's own registration
     blocked = []

@@ -43,21 +43,31 @@ def use_array_handler() -> None:
   global _array_handler
   if _array_handler is not None and ocp.type_handlers.get_type_handler(jax.Array) is _array_handler:
     return
-  try:  # the metadata store Orbax's default registry gives its handler
-    from orbax.checkpoint._src.metadata import array_metadata_store
-  except ImportError:  # another Orbax layout: keep its default handler
-    return
-  _array_handler = ocp.type_handlers.ArrayHandler(
-    array_metadata_store=array_metadata_store.Store(),
+  handler = register_array_handler(
     use_replica_parallel=jax.process_count() > 1,
     min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_SLICE_BYTES,
+  )
+  _array_handler = handler or _array_handler
+
+
+def register_array_handler(**options):
+  """Registers Orbax's jax.Array handler with `options` (none: Orbax's default, as
+  research.bench compares); returns it, or None where this Orbax's layout differs and its
+  default handler stays."""
+  try:  # the metadata store Orbax's default registry gives its handler
+    from orbax.checkpoint._src.metadata import array_metadata_store
+  except ImportError:
+    return None
+  handler = ocp.type_handlers.ArrayHandler(
+    array_metadata_store=array_metadata_store.Store(), **options
   )
   verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.ERROR)  # Orbax warns that the handler is replaced
   try:
-    ocp.type_handlers.register_type_handler(jax.Array, _array_handler, override=True)
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
   finally:
     logging.set_verbosity(verbosity)
+  return handler
 
 
 class SaveFailed(RuntimeError):
