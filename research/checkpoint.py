@@ -43,11 +43,10 @@ def use_array_handler() -> None:
   global _array_handler
   if _array_handler is not None and ocp.type_handlers.get_type_handler(jax.Array) is _array_handler:
     return
-  handler = register_array_handler(
+  _array_handler = register_array_handler(
     use_replica_parallel=jax.process_count() > 1,
     min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_SLICE_BYTES,
   )
-  _array_handler = handler or _array_handler
 
 
 def register_array_handler(**options):
