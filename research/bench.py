@@ -520,7 +520,8 @@ def checkpoint_mesh_row(smoke: bool, root: str, repeats: int = 3) -> dict:
 
   from research import checkpoint, registry
 
-  model = registry.models.get("resnet_cifar")(depth=8 if smoke else 20)
+  depth = 8 if smoke else 20
+  model = registry.models.get("resnet_cifar")(depth=depth)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
   shapes = jax.tree.map(lambda x: getattr(x, "value", x), shapes)  # unbox
   mesh = jax.make_mesh((MESH_DEVICES,), ("data",))
@@ -546,11 +547,12 @@ def checkpoint_mesh_row(smoke: bool, root: str, repeats: int = 3) -> dict:
     ckpt.close()
     rows[name] = {"first_blocked_sec": blocked[0], "blocked_sec": statistics.median(blocked[1:])}
   checkpoint.use_array_handler()
+  arrays = jax.tree.leaves(state)
   return {
     "devices": MESH_DEVICES,
-    "state": f"resnet_cifar(depth={8 if smoke else 20}) variables + two Adam moments",
-    "arrays": len(jax.tree.leaves(state)),
-    "state_bytes": sum(x.nbytes for x in jax.tree.leaves(state)),
+    "state": f"resnet_cifar(depth={depth}) variables + two Adam moments",
+    "arrays": len(arrays),
+    "state_bytes": sum(x.nbytes for x in arrays),
     **rows,
   }
 
