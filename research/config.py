@@ -95,7 +95,11 @@ def base() -> ml_collections.ConfigDict:
     )
   )
   config.global_batch_size = 128
-  config.eval_batch_size = 1000
+  # 256: on the CPU the MNIST CNN's evaluation at 1,000 per batch needed a temporary
+  # buffer beyond the 1 GB that runtime.tune_malloc keeps on the heap, so it was mapped
+  # and page-faulted afresh every batch (3.2M faults per evaluation against 41k at 256;
+  # 6.2-7.8 s against 2.8-3.5 s; ResNet-20 and ViT 8-10% faster too).
+  config.eval_batch_size = 256
   config.grad_accum_steps = 1  # microbatches per step: gradients accumulated, one update
   # Train steps per jitted call (a lax.scan; Keras's steps_per_execution): amortises the
   # Python dispatch of small steps. Needs the training data held on the device.
