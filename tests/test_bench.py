@@ -47,6 +47,7 @@ def test_smoke_run_writes_every_section(tmp_path, tfds_data_dir, mnist_raw_dir, 
   )
   startup = results["startup"]["mlp"]
   assert startup["cold"]["first_step_sec"] > 0 and startup["warm"]["first_step_sec"] > 0
+  assert startup["cold"]["init_compile_sec"] > 0  # the state init's line, parsed
   report = (tmp_path / "benchmarks.md").read_text()
   for heading in ("## Speed", "## MFU", "## Input pipeline", "## Checkpointing", "## Start-up"):
     assert heading in report
