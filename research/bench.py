@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -155,7 +156,8 @@ class HandLoop:
     self.device_batches = [jax.device_put(b) for b in self.batches]
     first = self.batches[0]["inputs"][:1]
     dummy = first.astype(jnp.float32) / 255.0 if first.dtype == "uint8" else first
-    params = nn.meta.unbox(model.init(jax.random.key(0), dummy, train=False))["params"]
+    init = jax.jit(functools.partial(model.init, train=False))  # one compile, not one per op
+    params = nn.meta.unbox(init(jax.random.key(0), dummy))["params"]
     self.params, self.opt_state = params, self.tx.init(params)
     tx = self.tx
 

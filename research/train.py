@@ -201,7 +201,10 @@ def speed_meter(exp, compiled, first_step: int):
   config = exp.config
   formula = flops.config_flops(config, exp.dataset.model_kwargs)
   per_device = formula / jax.device_count() if formula else flops.compiled_flops(compiled)
-  peak = flops.peak_per_device(config.dtype)[0] if per_device else None
+  peak = None
+  if per_device:
+    peak, source = flops.peak_per_device(config.dtype)
+    logging.info("MFU's peak: %.4g TFLOP/s per device (%s)", peak / 1e12, source)
   tokens = config.global_batch_size * config.data.seq_len if config.data.seq_len else 0
   return metrics_lib.Progress(
     first_step, exp.total_steps, config.global_batch_size, tokens, per_device, peak

@@ -48,3 +48,43 @@ def test_config_flops_count_the_padded_vocabulary_rows():
   assert padded["params_matmul"] - plain["params_matmul"] == (512 - 65) * 64
   config.model.pad_vocab_to = 32  # below the data's: no effect
   assert flops.config_counts(config, {"vocab_size": 65}) == plain
+
+
+def test_a_cpu_peak_is_reused_for_ten_minutes_on_the_same_machine_and_flags(tmp_path):
+  path = tmp_path / "jax_cpu_peak.json"
+  calls = []
+
+  def measure(value):
+    return lambda: calls.append(value) or value
+
+  key = {"host": "h", "devices": 1, "xla_flags": ""}
+  assert flops.reused_peak(key, measure(4e11), path, now=1000.0) == (4e11, 1000.0)
+  assert flops.reused_peak(key, measure(9e11), path, now=1500.0) == (4e11, 1000.0)  # reused
+  other = {**key, "xla_flags": "--xla_cpu_experimental_ynn_fusion_type=dot"}
+  assert flops.reused_peak(other, measure(3e11), path, now=1501.0) == (3e11, 1501.0)
+  assert flops.reused_peak(other, measure(5e11), path, now=1501.0 + 601) == (5e11, 2102.0)
+  assert flops.reused_peak(key, measure(6e11), None, now=2103.0) == (6e11, 2103.0)  # no cache
+  path.write_text("{not json")  # a torn file is measured over, never an error
+  assert flops.reused_peak(key, measure(7e11), path, now=2104.0) == (7e11, 2104.0)
+  assert calls == [4e11, 3e11, 5e11, 6e11, 7e11]
+
+
+def test_a_second_process_reuses_the_first_ones_cpu_peak(tmp_path):
+  """Two processes sharing a compilation cache: the second reuses the first's peak."""
+  import os
+  import subprocess
+  import sys
+
+  from research import config as config_lib
+
+  code = "from research import flops; print(*flops.peak_per_device(), sep='|')"
+  env = dict(os.environ, RESEARCH_COMPILATION_CACHE=str(tmp_path / "jax"), JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = str(config_lib.REPO_ROOT)
+  runs = [
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    for _ in range(2)
+  ]
+  assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+  first, second = (r.stdout.strip().split("|") for r in runs)
+  assert first == second and float(first[0]) > 1e9 and first[1].startswith("measured at ")
+  assert (tmp_path / "jax_cpu_peak.json").exists()
