@@ -604,7 +604,8 @@ def section_startup(families, root: Path) -> dict:
 
 
 def _timings(log: str) -> dict:
-  """The [TIMING] lines of a research.train log: first step and evaluation seconds."""
+  """The [TIMING] lines of a research.train log: state init, first step and evaluation
+  seconds."""
   found = {"first_step_sec": float("nan"), "compile_sec": float("nan"), "evaluator_sec": 0.0}
   found["init_compile_sec"] = float("nan")
   for line in log.splitlines():
