@@ -12,6 +12,8 @@ VARIANT is a form of the init, then options joined by "+":
   +nomof         XLA's multi-output fusion pass off (experiment.INIT_COMPILER_OPTIONS)
   +no_autotune   xla_gpu_autotune_level=0
   +par           xla_gpu_force_compilation_parallelism=16
+  +o1            LLVM at -O1 (what research uses for the init on the CPU:
+                 experiment.CPU_INIT_COMPILER_OPTIONS; 3-4x faster to compile there)
 Prints one JSON line (compile seconds, lines and fusions of the optimised program) and
 writes that program to OUT_DIR/init_VARIANT.hlo.txt. Run several in parallel, one
 process each: compiling happens on the host.
@@ -30,6 +32,7 @@ OPTIONS = {
   "nomof": {"xla_disable_hlo_passes": "multi_output_fusion"},
   "no_autotune": {"xla_gpu_autotune_level": 0},
   "par": {"xla_gpu_force_compilation_parallelism": 16},
+  "o1": {"xla_backend_optimization_level": 1},
 }
 
 

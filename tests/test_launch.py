@@ -98,7 +98,7 @@ def test_gpu_init_probe_compiles_each_form_of_the_state_init(tmp_path, tfds_data
   env = {**os.environ, "TFDS_DATA_DIR": tfds_data_dir}
   script = str(LAUNCH / "gpu_init_probe.py")
   rows = []
-  for variant in ("const+nomof", "params_only"):
+  for variant in ("const+nomof+o1", "params_only"):
     done = subprocess.run(
       [sys.executable, script, variant, str(tmp_path), "--smoke"],
       env=env, capture_output=True, text=True, timeout=300, cwd=LAUNCH.parent,
@@ -106,7 +106,7 @@ def test_gpu_init_probe_compiles_each_form_of_the_state_init(tmp_path, tfds_data
     assert done.returncode == 0, done.stderr[-2000:]
     rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     assert (tmp_path / f"init_{variant}.hlo.txt").read_text().startswith("HloModule")
-  assert [r["variant"] for r in rows] == ["const+nomof", "params_only"]
+  assert [r["variant"] for r in rows] == ["const+nomof+o1", "params_only"]
   assert all(r["compile_s"] > 0 and r["fusions"] > 0 for r in rows)
   bad = subprocess.run([sys.executable, script, "const+typo", str(tmp_path)], env=env,
                        capture_output=True, text=True, cwd=LAUNCH.parent)  # fmt: skip
