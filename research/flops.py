@@ -115,7 +115,8 @@ def reused_peak(key: dict, measure, path, now: float | None = None) -> tuple[flo
   """(peak, when it was measured): the one stored at `path` under `key` if measured
   within PEAK_REUSE_SECONDS, else `measure()`'s, stored there (path None: no reuse)."""
   import json
-  import os
+
+  from research.data.sources import write_atomically
 
   now = time.time() if now is None else now
   if path is not None:
@@ -126,14 +127,9 @@ def reused_peak(key: dict, measure, path, now: float | None = None) -> tuple[flo
     except (OSError, ValueError, KeyError, TypeError):
       pass  # none yet, or unreadable: measure
   peak = measure()
-  if path is not None:
-    try:
-      path.parent.mkdir(parents=True, exist_ok=True)
-      partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-      partial.write_text(json.dumps({"key": key, "time": now, "peak": peak}))
-      os.replace(partial, path)  # atomic: a concurrent reader sees the old or the new
-    except OSError:
-      pass
+  if path is not None:  # a concurrent reader sees the old file or the new one
+    record = json.dumps({"key": key, "time": now, "peak": peak})
+    write_atomically(path, lambda partial: partial.write_text(record))
   return peak, now
 
 
