@@ -20,9 +20,10 @@ at most, on the same data: this machine is shared and noisy):
   time, by state size.
 - startup: compile time and the second start of the same run with the
   persistent compilation cache (research.runtime), in fresh processes.
-- xla_flags: the train step under XLA's default CPU kernels and with YNNPACK's
-  fusions (what research.runtime.MODEL_CPU_FLAGS chooses from), each in a
-  fresh process.
+- xla_flags: the train step under jaxlib's default CPU kernels, with XLA's own
+  convolutions instead of YNNPACK's, and with YNNPACK's dot fusions (what
+  research.runtime.CPU_FLAGS and MODEL_CPU_FLAGS choose from), each in a fresh
+  process.
 - profile: where a train step's time goes (JAX's profiler, per XLA operation,
   grouped by the model code it came from).
 
@@ -621,11 +622,12 @@ def _timings(log: str) -> dict:
 
 
 XLA_SETTINGS = {  # name -> environment of the process that times the step
+  # jaxlib's own: YNNPACK for single dots, convolutions and reductions
   "XLA defaults": {"RESEARCH_XLA_DEFAULTS": "0"},
-  "YNNPACK dot": {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"},
-  "YNNPACK dot+eltwise+reduce": {
-    "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"
+  "XLA convolutions": {
+    "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
   },
+  "YNNPACK dot": {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"},
 }
 
 
@@ -852,7 +854,9 @@ def report(results: dict) -> str:
     lines += [
       "## XLA CPU kernels: milliseconds per train step (fresh process each, best of 2)",
       "",
-      "research.train's defaults by model: `research.runtime.MODEL_CPU_FLAGS`.",
+      "research.train's defaults: `research.runtime.CPU_FLAGS` (XLA convolutions), and by "
+      "model `MODEL_CPU_FLAGS` (YNNPACK dot for the LM). *XLA defaults*: jaxlib's own, "
+      "YNNPACK for single dots, convolutions and reductions.",
       "",
       "| family | " + " | ".join(names) + " |",
       "|---|" + "---|" * len(names),

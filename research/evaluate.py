@@ -130,6 +130,7 @@ def main(argv):
   if not args.checkpoint:
     return config_lib.usage_error("--checkpoint is required")
   runtime.tune_malloc()  # before JAX starts its threads
+  runtime.apply_xla_defaults("")  # every model's CPU flags (the model is in the checkpoint)
   from research.data.sources import DataError
 
   try:

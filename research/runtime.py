@@ -1,16 +1,26 @@
 """Process-wide JAX settings the framework applies by default (each can be turned off).
 
-1. XLA CPU flags by model (`apply_xla_defaults`, called by research.train before
-   any JAX backend starts): YNNPACK kernels for dot products where they were
-   measured faster. `python -m research.bench` (its XLA table) on a 2-core CPU:
-   the Transformer LM's train step 1665 -> 1303 ms with YNNPACK dots (width
-   768; 858 -> 673 at width 512), the CNN's 107 -> 119 ms (slower), the MLP's
-   within noise (4.7 vs 5.3, then 5.3 vs 5.0 ms); YNNPACK's elementwise and
-   reduction fusions are never the fastest. Results equal to
-   float32 rounding, but the rounding depends on the per-device batch (data
-   parallel no longer matches one device to ~1e-7). Only for jaxlib versions
-   where the flag was tested (an unknown XLA flag aborts the process). Off with
-   RESEARCH_XLA_DEFAULTS=0; a flag the user sets in XLA_FLAGS wins.
+1. XLA CPU flags (`apply_xla_defaults`, called by research.train and
+   research.evaluate before any JAX backend starts), each measured faster on a
+   2-core CPU (side by side in fresh processes; `python -m research.bench` keeps
+   an XLA table of them):
+   - for every model, XLA's own convolution kernels instead of YNNPACK's (jaxlib
+     0.10's default list of YNNPACK fusions minus `individual_convolution`):
+     YNNPACK's forward convolution ran 2.4x slower than XLA's on the MNIST CNN's
+     second layer (128x26x26x32 -> 64, 3x3: 36 vs 15 ms), and the kernel gradient
+     1.7x (41 vs 24 ms); the CNN's train step 104-117 -> 92-103 ms, ResNet-20's
+     660-764 -> 345-399 ms (with `layers.Conv` on XLA's convolution, a machine at
+     ~43% of its usual speed). Programs without convolutions compile the same;
+   - the Transformer LM: YNNPACK kernels for all dot products (`dot`; a list of
+     names replaces the default list), 1665 -> 1303 ms per step at width 768 (858 ->
+     673 at width 512); the same flag slowed the CNN (107 -> 119 ms) and left the
+     MLP within noise. YNNPACK's elementwise and reduction fusions are never the
+     fastest.
+   Results equal to float32 rounding, but YNNPACK's rounding depends on the
+   per-device batch (data parallel no longer matches one device to ~1e-7). Only
+   for jaxlib versions whose flag parser was checked (an unknown XLA flag or value
+   aborts the process; 0.10.2 run, 0.11.0 and 0.12.0 read from their binaries).
+   Off with RESEARCH_XLA_DEFAULTS=0; a flag the user sets in XLA_FLAGS wins.
 2. JAX's persistent compilation cache (`enable_compilation_cache`, called by
    the entry points): compiled programs are kept on disk, so the second start
    of a run (a resume, a sweep's next point, an evaluation) skips compilation.
@@ -45,7 +55,10 @@ import os
 import sys
 from pathlib import Path
 
-MODEL_CPU_FLAGS = {  # model name -> XLA CPU flags measured faster for it
+CPU_FLAGS = {  # XLA CPU flags for every model, measured faster (module docstring)
+  "xla_cpu_experimental_ynn_fusion_type": "-individual_convolution",
+}
+MODEL_CPU_FLAGS = {  # model name -> flags replacing or adding to CPU_FLAGS for it
   "transformer_lm": {"xla_cpu_experimental_ynn_fusion_type": "dot"},
 }
 TESTED_JAXLIB = ((0, 10, 2), (0, 13, 0))  # [first, last) versions known to parse the flags
@@ -75,7 +88,7 @@ def xla_defaults_apply() -> bool:
 
 def xla_flags_for(model_name: str, current: str = "") -> str:
   """$XLA_FLAGS for a model: `current` plus the model's defaults the user has not set."""
-  flags = MODEL_CPU_FLAGS.get(model_name, {}) if xla_defaults_apply() else {}
+  flags = {**CPU_FLAGS, **MODEL_CPU_FLAGS.get(model_name, {})} if xla_defaults_apply() else {}
   added = [f"--{name}={value}" for name, value in flags.items() if f"--{name}" not in current]
   return " ".join([current, *added]).strip()
 

@@ -116,12 +116,15 @@ def test_xla_defaults_are_per_model_added_once_and_yield_to_the_user(monkeypatch
   if not runtime.xla_defaults_apply():
     pytest.skip("this jaxlib is outside the versions the flags were tested with")
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-  runtime.apply_xla_defaults("cnn")  # measured faster on XLA's own kernels: nothing added
-  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
-  runtime.apply_xla_defaults("transformer_lm")
+  runtime.apply_xla_defaults("cnn")  # every model: XLA's convolutions, not YNNPACK's
+  without_ynn_conv = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+  assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {without_ynn_conv}"
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  runtime.apply_xla_defaults("transformer_lm")  # its own list replaces every model's
   runtime.apply_xla_defaults("transformer_lm")
   flags = os.environ["XLA_FLAGS"]
-  assert flags.count("ynn_fusion_type=dot") == 1 and "device_count=2" in flags
+  assert flags.count("ynn_fusion_type") == 1 and flags.count("ynn_fusion_type=dot") == 1
+  assert "device_count=2" in flags
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot,reduce")
   runtime.apply_xla_defaults("transformer_lm")
   assert os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
@@ -129,6 +132,39 @@ def test_xla_defaults_are_per_model_added_once_and_yield_to_the_user(monkeypatch
   monkeypatch.setenv("RESEARCH_XLA_DEFAULTS", "0")
   runtime.apply_xla_defaults("transformer_lm")
   assert os.environ["XLA_FLAGS"] == ""
+
+
+_CONV_KERNELS = """
+import jax, jax.numpy as jnp
+from research.models import layers
+conv = layers.conv(64, 3, "VALID", "float32")
+x = jnp.ones((8, 26, 26, 32))
+params = conv.init(jax.random.key(0), x)
+grad = jax.jit(jax.grad(lambda p, x: jnp.sum(conv.apply(p, x) ** 2), argnums=(0, 1)))
+hlo = grad.lower(params, x).compile().as_text()
+lines = hlo.splitlines()
+ynn_convs = [l for l in lines if "__ynn_fusion" in l and "conv_general_dilated" in l]
+print(sum(" convolution(" in l for l in lines), len(ynn_convs))
+"""
+
+
+def test_cpu_flags_give_convolutions_to_xla_not_ynnpack():
+  """jaxlib 0.10 runs a forward convolution in YNNPACK (2.4x slower here than XLA's on
+  the MNIST CNN's second layer); research.train's flags keep all three of a conv's
+  forward and gradients on XLA's kernels."""
+  if not runtime.xla_defaults_apply():
+    pytest.skip("this jaxlib is outside the versions the flags were tested with")
+
+  def kernels(xla_flags: str) -> tuple[int, int]:  # (convolutions, in YNNPACK fusions)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env.update(XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", _CONV_KERNELS], env=env, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    return tuple(int(n) for n in out.stdout.split())
+
+  assert runtime.xla_flags_for("resnet_cifar") == runtime.xla_flags_for("cnn")
+  assert kernels(runtime.xla_flags_for("cnn")) == (3, 0)
+  assert kernels("")[1] >= 1  # jaxlib's default: the forward in YNNPACK
 
 
 _REALLOCATE = """

@@ -1,4 +1,4 @@
-"""Every registered model: init/apply shapes, logical axis names, dropout, the im2col conv."""
+"""Every registered model: init/apply shapes, logical axis names, dropout, the conv layer."""
 
 from __future__ import annotations
 
@@ -157,24 +157,24 @@ def test_sincos2d_positions_encode_row_and_column():
 @pytest.mark.parametrize("padding", ["VALID", "SAME"])
 @pytest.mark.parametrize("kernel_size", [1, 3, 5])
 @pytest.mark.parametrize("strides", [1, 2])
-def test_im2col_conv_and_its_gradients_equal_lax_conv(padding, kernel_size, strides):
+def test_conv_is_flax_conv_with_its_parameters_and_gradients(padding, kernel_size, strides):
   conv = layers.conv(6, kernel_size, padding, "float32", strides=strides)
+  flax_conv = nn.Conv(6, (kernel_size, kernel_size), strides, padding)
   x = jax.random.normal(jax.random.key(0), (2, 9, 11, 3))
   params = nn.meta.unbox(conv.init(jax.random.key(1), x))
-
-  def reference(params, x):
-    kernel, dims = params["params"]["kernel"], ("NHWC", "HWIO", "NHWC")
-    y = jax.lax.conv_general_dilated(x, kernel, (strides, strides), padding, dimension_numbers=dims)
-    return y + params["params"]["bias"]
-
-  np.testing.assert_allclose(conv.apply(params, x), reference(params, x), atol=1e-5)
-  # The custom backward (transposed convolution for x, patches^T @ dy for the kernel).
+  # Checkpoints of either load into the other: same names, shapes and dtypes.
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+    jnp.shape, flax_conv.init(jax.random.key(1), x)
+  )
+  np.testing.assert_allclose(conv.apply(params, x), flax_conv.apply(params, x), atol=1e-5)
   weights = jax.random.normal(jax.random.key(2), conv.apply(params, x).shape)
   loss = lambda apply: lambda p, x: jnp.sum(jnp.tanh(apply(p, x)) * weights)  # noqa: E731
   ours = jax.jit(jax.grad(loss(conv.apply), argnums=(0, 1)))(params, x)
-  theirs = jax.grad(loss(reference), argnums=(0, 1))(params, x)
+  theirs = jax.grad(loss(flax_conv.apply), argnums=(0, 1))(params, x)
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+  with pytest.raises(ValueError, match="valid: SAME, VALID"):
+    layers.conv(6, 3, "CIRCULAR", "float32").init(jax.random.key(1), x)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

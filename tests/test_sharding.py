@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from research import config as config_lib
-from research import sharding
+from research import runtime, sharding
 
 RULES = {k: tuple(v) for k, v in config_lib.base().sharding_rules.items()}
 MESH_2x2x2 = types.SimpleNamespace(shape={"data": 2, "fsdp": 2, "model": 2})  # only .shape is read
@@ -124,14 +124,15 @@ MESHES = {"dp": "8,1,1", "fsdp": "2,4,1", "tp": "4,1,2"}
 
 def _mesh_runs(tmp_path, devices, specs, tfds_data_dir, raw_dir, workroot="runs"):
   out = tmp_path / f"losses_{devices}.json"
-  # XLA's own CPU kernels, not the YNNPACK default (research.runtime): YNNPACK blocks
-  # its sums by the per-device batch, so 8 devices round differently from one and
-  # training amplifies it (measured, CNN on 8-way data parallel: first loss beyond 1e-6
+  # Every model's CPU flags (runtime.CPU_FLAGS: convolutions on XLA's own kernels), not
+  # the LM's YNNPACK dots nor jaxlib's YNNPACK convolutions: YNNPACK blocks its sums by
+  # the per-device batch, so 8 devices round differently from one and training
+  # amplifies it (measured, CNN on 8-way data parallel: first loss beyond 1e-6
   # relative at step 13, 3.7e-3 by step 50; XLA's kernels: <= 1.6e-7 over 50 steps).
   # What is tested here is the sharding, not a kernel library's summation order.
   env = dict(
     os.environ,
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    XLA_FLAGS=runtime.xla_flags_for("", f"--xla_force_host_platform_device_count={devices}"),
     RESEARCH_XLA_DEFAULTS="0",
     PYTHONPATH=str(config_lib.REPO_ROOT),
   )

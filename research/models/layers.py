@@ -15,7 +15,6 @@ stays unsharded where `batch` already uses `fsdp`.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -82,74 +81,6 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
   return nn.with_logical_constraint(x, axes)
 
 
-def im2col(x_BxHxWxC: jax.Array, kernel_size: int, stride: int = 1) -> jax.Array:
-  """(B, H, W, C) -> (B, H', W', k*k*C) patches, ordered (kernel col, kernel row, C);
-  H' = (H - k) // stride + 1 (no padding here).
-
-  One concatenation of the k*k shifted views: on XLA:CPU this and one matmul run
-  ~3x faster forward+backward than lax.conv_general_dilated (measured for
-  128x26x26x32 -> 64 channels, 3x3: 205 ms vs 555 ms), and the MNIST CNN's train
-  step 7% faster than building it in two concatenations, rows then columns (62 vs
-  67 ms: XLA copied the rows' concatenation once per column), whose patch order
-  this keeps.
-  """
-  k, s = kernel_size, stride
-  out_h, out_w = (x_BxHxWxC.shape[1] - k) // s + 1, (x_BxHxWxC.shape[2] - k) // s + 1
-  rows = [slice(i, i + s * (out_h - 1) + 1, s) for i in range(k)]
-  cols = [slice(j, j + s * (out_w - 1) + 1, s) for j in range(k)]
-  return jnp.concatenate([x_BxHxWxC[:, r, c] for c in cols for r in rows], -1)
-
-
-def _patches_matmul(x_BxHxWxC, kernel_KxKxCxF, stride: int):
-  k, _, in_features, features = kernel_KxKxCxF.shape
-  patches_BxHxWxP = im2col(x_BxHxWxC, k, stride)
-  # Patches are ordered (kernel col j, kernel row i, C): match the kernel to it.
-  kernel_PxF = kernel_KxKxCxF.transpose(1, 0, 2, 3).reshape(k * k * in_features, features)
-  return patches_BxHxWxP @ kernel_PxF, patches_BxHxWxP
-
-
-def _lax_conv(x_BxHxWxC, kernel_KxKxCxF, stride: int):
-  return jax.lax.conv_general_dilated(
-    x_BxHxWxC, kernel_KxKxCxF, (stride, stride), "VALID",
-    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-  )  # fmt: skip
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv_valid(x_BxHxWxC, kernel_KxKxCxF, stride: int = 1):
-  """VALID NHWC convolution, computed as im2col(x) @ kernel; its input gradient is XLA's
-  transposed convolution, its kernel gradient patches^T @ dy.
-
-  The default gradient of im2col + matmul would go back through the patches: a
-  (B*H'*W', k*k*C) matrix (85 MB for the MNIST CNN's second convolution) written by
-  dy @ kernel^T and summed back into the image. XLA's convolution kernel computes the
-  input gradient without it: the CNN's train step runs 57 ms instead of 65 (2 cores).
-  The forward stays im2col + matmul, faster there than XLA's convolution (17.7 vs
-  21.3 ms for that layer), and its patches serve the kernel gradient.
-  """
-  return _patches_matmul(x_BxHxWxC, kernel_KxKxCxF, stride)[0]
-
-
-def _conv_valid_fwd(x_BxHxWxC, kernel_KxKxCxF, stride):
-  y_BxHxWxF, patches_BxHxWxP = _patches_matmul(x_BxHxWxC, kernel_KxKxCxF, stride)
-  return y_BxHxWxF, (x_BxHxWxC, kernel_KxKxCxF, patches_BxHxWxP)
-
-
-def _conv_valid_bwd(stride, residuals, dy_BxHxWxF):
-  x_BxHxWxC, kernel_KxKxCxF, patches_BxHxWxP = residuals
-  k, _, in_features, features = kernel_KxKxCxF.shape
-  patches_NxP = patches_BxHxWxP.reshape(-1, patches_BxHxWxP.shape[-1])
-  dkernel_PxF = patches_NxP.T @ dy_BxHxWxF.reshape(-1, features)
-  dkernel = dkernel_PxF.reshape(k, k, in_features, features).transpose(1, 0, 2, 3)
-  # Linear in x: only the transpose is computed (XLA drops the unused forward).
-  _, transpose = jax.vjp(lambda x: _lax_conv(x, kernel_KxKxCxF, stride), x_BxHxWxC)
-  (dx_BxHxWxC,) = transpose(dy_BxHxWxF)
-  return dx_BxHxWxC, dkernel
-
-
-conv_valid.defvjp(_conv_valid_fwd, _conv_valid_bwd)
-
-
 # Up to this many rows, an embedding's gradient is a one-hot matmul instead of a scatter.
 # The one-hot (tokens x rows, in the compute dtype) is then no larger than dy itself at
 # widths >= 1,024; larger vocabularies spread the scatter's updates over more rows.
@@ -203,9 +134,17 @@ class Embed(nn.Embed):
 
 
 class Conv(nn.Module):
-  """NHWC convolution as im2col + matmul (conv_valid); parameters laid out as nn.Conv's.
+  """NHWC convolution (XLA's, `lax.conv_general_dilated`); parameters laid out as
+  nn.Conv's, so checkpoints load into either.
 
   kernel: (k, k, C_in, C_out) with logical axes (None, None, conv_in, conv_out).
+
+  On the CPU this is fast with XLA's own convolution kernels, which
+  `research.runtime.CPU_FLAGS` selects over YNNPACK's (jaxlib 0.10's default for a
+  forward convolution). Until session 16 the forward was im2col + one matmul, the
+  input gradient XLA's transposed convolution: measured side by side on 2 cores
+  (research.train's step, a fresh process each, alternating), the MNIST CNN 104-117 ->
+  92-103 ms, ResNet-20 660-764 -> 345-399 ms, LeNet-5 24-28 -> 16 ms per step.
   """
 
   features: int
@@ -217,6 +156,8 @@ class Conv(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    if self.padding not in ("SAME", "VALID"):
+      raise ValueError(f"padding {self.padding!r}: valid: SAME, VALID")
     k, in_features = self.kernel_size, x_BxHxWxC.shape[-1]
     kernel = self.param(
       "kernel",
@@ -234,16 +175,11 @@ class Conv(nn.Module):
         (self.features,),
         jnp.float32,
       )
-    if self.padding == "SAME":
-      pads = []
-      for size in x_BxHxWxC.shape[1:3]:
-        total = max((-(-size // self.strides) - 1) * self.strides + k - size, 0)
-        pads.append((total // 2, total - total // 2))
-      x_BxHxWxC = jnp.pad(x_BxHxWxC, ((0, 0), pads[0], pads[1], (0, 0)))
-    elif self.padding != "VALID":
-      raise ValueError(f"padding {self.padding!r}: valid: SAME, VALID")
     x_BxHxWxC, kernel, bias = nn.dtypes.promote_dtype(x_BxHxWxC, kernel, bias, dtype=self.dtype)
-    y_BxHxWxF = conv_valid(x_BxHxWxC, kernel, self.strides)
+    y_BxHxWxF = jax.lax.conv_general_dilated(
+      x_BxHxWxC, kernel, (self.strides, self.strides), self.padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )  # fmt: skip
     if self.use_bias:
       y_BxHxWxF = y_BxHxWxF + bias
     return constrain(y_BxHxWxF, ("batch", None, None, "conv_out"))
