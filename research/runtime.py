@@ -8,9 +8,12 @@
      0.10's default list of YNNPACK fusions minus `individual_convolution`):
      YNNPACK's forward convolution ran 2.4x slower than XLA's on the MNIST CNN's
      second layer (128x26x26x32 -> 64, 3x3: 36 vs 15 ms), and the kernel gradient
-     1.7x (41 vs 24 ms); the CNN's train step 104-117 -> 92-103 ms, ResNet-20's
-     660-764 -> 345-399 ms (with `layers.Conv` on XLA's convolution, a machine at
-     ~43% of its usual speed). Programs without convolutions compile the same;
+     1.7x (41 vs 24 ms). With `layers.Conv` on XLA's convolution instead of
+     im2col + matmul, against the im2col layer without the flag (a machine at ~43%
+     of its usual speed): the CNN's train step 104-124 -> 95-100 ms (the code before
+     and after, 3 pairs; 104-117 -> 92-103 in 4 more), ResNet-20's 660-764 ->
+     345-399 ms, LeNet-5's 24-28 -> 16 ms. Programs without convolutions compile the
+     same;
    - the Transformer LM: YNNPACK kernels for all dot products (`dot`; a list of
      names replaces the default list), 1665 -> 1303 ms per step at width 768 (858 ->
      673 at width 512); the same flag slowed the CNN (107 -> 119 ms) and left the

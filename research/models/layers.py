@@ -141,10 +141,8 @@ class Conv(nn.Module):
 
   On the CPU this is fast with XLA's own convolution kernels, which
   `research.runtime.CPU_FLAGS` selects over YNNPACK's (jaxlib 0.10's default for a
-  forward convolution). Until session 16 the forward was im2col + one matmul, the
-  input gradient XLA's transposed convolution: measured side by side on 2 cores
-  (research.train's step, a fresh process each, alternating), the MNIST CNN 104-117 ->
-  92-103 ms, ResNet-20 660-764 -> 345-399 ms, LeNet-5 24-28 -> 16 ms per step.
+  forward convolution); with them it beats the im2col + matmul form this layer had
+  until session 16 (figures in research.runtime's docstring).
   """
 
   features: int
