@@ -67,15 +67,20 @@ def test_launchers_reject_bad_options():
 def test_gpu_benchmark_script_runs_its_parts_on_the_cpu(tmp_path, tfds_data_dir):
   env = {
     **os.environ, "TFDS_DATA_DIR": tfds_data_dir, "PY": sys.executable, "OUT": str(tmp_path),
-    "SMOKE": "1", "PARTS": "profile", "VARIANTS": "cudnn:4 xla:4",
+    "SMOKE": "1", "PARTS": "profile", "VARIANTS": "cudnn:4 xla:4 xla:4:no_command_buffer",
   }  # fmt: skip
   script = str(LAUNCH / "gpu_benchmarks.sh")
   result = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout + result.stderr
   saved = json.loads((tmp_path / "lm_profile.json").read_text())
-  cudnn, xla = saved["variants"]
+  cudnn, xla, xla_options = saved["variants"]
   assert cudnn["attention"] == "cudnn" and "error" in cudnn  # no cuDNN here: the row says why
   assert xla["step_ms"] > 0 and xla["step_ms_sustained_5s"] > 0 and xla["mfu"] > 0
+  assert xla["options"] == "default" and xla["compiler_options"] == {}
+  # The same program and state, compiled again with the option set's XLA options.
+  assert xla_options["options"] == "no_command_buffer" and xla_options["step_ms"] > 0
+  assert xla_options["compiler_options"] == {"xla_gpu_enable_command_buffer": ""}
+  assert xla_options["setup_seconds"]["state_init"] == xla["setup_seconds"]["state_init"]
   assert set(xla["setup_seconds"]) == {"build", "state_init", "step_compile"}
   assert saved["profile_of"]["attention"] == "xla" and "kernel" in saved["kernels"]
   assert saved["kernels"]["compiler_options"] == {"xla_gpu_enable_command_buffer": ""}
@@ -92,6 +97,11 @@ def test_gpu_benchmark_script_runs_its_parts_on_the_cpu(tmp_path, tfds_data_dir)
   )
   assert bad.returncode == 2
   assert "unknown part 'bogus': valid: gpt2 profile cnn bench" in bad.stderr
+  bad = subprocess.run(
+    [sys.executable, str(LAUNCH / "gpu_lm_profile.py"), str(tmp_path), "--smoke"],
+    env={**env, "VARIANTS": "xla:4:fastest"}, capture_output=True, text=True,
+  )  # fmt: skip
+  assert bad.returncode != 0 and "options 'fastest': valid: default, cublaslt" in bad.stderr
 
 
 def test_gpu_init_probe_compiles_each_form_of_the_state_init(tmp_path, tfds_data_dir):

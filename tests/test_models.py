@@ -177,6 +177,15 @@ def test_conv_is_flax_conv_with_its_parameters_and_gradients(padding, kernel_siz
     layers.conv(6, 3, "CIRCULAR", "float32").init(jax.random.key(1), x)
 
 
+def _embed_grad_reference(ids, weights, dtype, shape):
+  """The table's gradient as a float64 sum (numpy) of the lookup's cotangent, which is
+  `weights` rounded to the compute dtype."""
+  want = np.zeros(shape)
+  dy = np.asarray(weights.astype(dtype), np.float64).reshape(-1, shape[1])
+  np.add.at(want, np.asarray(ids).reshape(-1), dy)
+  return want
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("vocab", [65, layers.ONE_HOT_GRAD_MAX_VOCAB + 1])
 def test_embed_gradient_is_a_one_hot_matmul_for_small_vocabularies(dtype, vocab):
@@ -193,16 +202,50 @@ def test_embed_gradient_is_a_one_hot_matmul_for_small_vocabularies(dtype, vocab)
   got = grad(params)["params"]["embedding"]
   assert got.dtype == table.dtype
   scatters = grad.lower(params).as_text().count('"stablehlo.scatter"')
-  if vocab > layers.ONE_HOT_GRAD_MAX_VOCAB:  # Flax's own lookup and gradient (a scatter)
+  if vocab > layers.ONE_HOT_GRAD_MAX_VOCAB:  # on the CPU: Flax's lookup and gradient (a scatter)
+    assert layers.embed_grad_method(vocab) == "scatter"
     assert scatters == 1
     want = jax.grad(loss(flax_embed))(params)["params"]["embedding"]
     np.testing.assert_array_equal(got, want)
     return
   assert scatters == 0
-  # Reference: the same sum in float64 (numpy), rounded once to the compute dtype (the
-  # lookup's cotangent is `weights` in the compute dtype). Flax's scatter adds in bf16.
-  want = np.zeros(table.shape)
-  dy = np.asarray(weights.astype(dtype), np.float64).reshape(-1, 16)
-  np.add.at(want, np.asarray(ids).reshape(-1), dy)
+  # Flax's scatter adds in bf16; ours in float32, rounded once to the compute dtype.
+  want = _embed_grad_reference(ids, weights, dtype, table.shape)
   tolerance = 1e-5 if dtype == jnp.float32 else 2**-8
   np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_sorted_embed_gradient_sums_each_row_without_a_scatter(dtype):
+  # GPT-2's table with the few rows a character corpus uses (many tokens per row: the
+  # case a GPU's scatter-add serialises on), one row never used, and both ends.
+  rows, width = 3000, 16
+  ids = jax.random.choice(jax.random.key(0), jnp.array([0, 3, 4, 64, 2999]), (4, 300))
+  table = jax.random.normal(jax.random.key(1), (rows, width), dtype)
+  weights = jax.random.normal(jax.random.key(2), (4, 300, width))
+
+  def loss(table_VxD):
+    return jnp.sum(layers.take_rows(table_VxD, ids, "sorted").astype(jnp.float32) * weights)
+
+  grad = jax.jit(jax.grad(loss))
+  assert '"stablehlo.scatter"' not in grad.lower(table).as_text()
+  got = grad(table)
+  assert got.dtype == table.dtype
+  want = _embed_grad_reference(ids, weights, dtype, table.shape)
+  tolerance = 1e-5 if dtype == jnp.float32 else 2**-8
+  np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance)
+  assert not np.any(np.asarray(got)[[1, 2, 5, 2998]])  # rows no token used
+  np.testing.assert_array_equal(layers.take_rows(table, ids, "sorted"), jnp.take(table, ids, 0))
+  # Ids outside the table are dropped, as by XLA's scatter.
+  sums = layers.sorted_segment_sum(jnp.array([1, 5, 1, -1]), jnp.ones((4, 2)), 3)
+  np.testing.assert_array_equal(sums, [[0, 0], [2, 2], [0, 0]])
+  with pytest.raises(ValueError, match="valid: one_hot, sorted"):
+    layers.take_rows(table, ids, "scatter")
+
+
+def test_embed_grad_method_sorts_on_a_gpu_only_above_the_one_hot_size(monkeypatch):
+  assert layers.embed_grad_method(layers.ONE_HOT_GRAD_MAX_VOCAB) == "one_hot"
+  assert layers.embed_grad_method(50_304) == "scatter"  # this CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert layers.embed_grad_method(layers.ONE_HOT_GRAD_MAX_VOCAB) == "one_hot"
+  assert layers.embed_grad_method(50_304) == "sorted"

@@ -15,6 +15,7 @@ stays unsharded where `batch` already uses `fsdp`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -85,31 +86,57 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
 # The one-hot (tokens x rows, in the compute dtype) is then no larger than dy itself at
 # widths >= 1,024; larger vocabularies spread the scatter's updates over more rows.
 ONE_HOT_GRAD_MAX_VOCAB = 1024
+EMBED_GRAD_METHODS = ("one_hot", "sorted", "scatter")
 
 
-@jax.custom_vjp
-def take_rows(table_VxD: jax.Array, ids: jax.Array) -> jax.Array:
-  """table[ids] (XLA's gather), whose table gradient is one_hot(ids)^T @ dy (a matmul,
-  accumulated in float32) instead of XLA's scatter-add of dy into the table's rows.
+def embed_grad_method(num_rows: int) -> str:
+  """How an embedding of `num_rows` rows takes its gradient (see take_rows): a one-hot
+  matmul up to ONE_HOT_GRAD_MAX_VOCAB rows; above, on a GPU, a sort and a segmented sum
+  (PyTorch's embedding backward also sorts), elsewhere XLA's scatter-add, which the
+  CPU runs as one sequential loop.
 
-  With few rows every row takes thousands of updates: on an H200 the GPT-2-shaped
-  character LM's scatter (32,768 tokens into 65 rows, atomics contending for the same
-  addresses) took 35 ms of a 77 ms step; the matmul is 2·V·D FLOPs per token (3.3
-  GFLOP there, microseconds). The sum is also deterministic, which the scatter's
-  atomics on a GPU are not.
+  A GPU's scatter-add is atomics, which contend when many tokens share a row: the
+  GPT-2-shaped character LM's 32,768 tokens into 65 rows took 35 ms of a 77 ms step on
+  an H200. The contention depends on the data, not on the table: the same 65 characters
+  in GPT-2's 50,304-row table (`shakespeare_char.py:size=gpt2_124m`) hit the same rows.
   """
+  if num_rows <= ONE_HOT_GRAD_MAX_VOCAB:
+    return "one_hot"
+  return "sorted" if jax.default_backend() == "gpu" else "scatter"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def take_rows(table_VxD: jax.Array, ids: jax.Array, method: str = "one_hot") -> jax.Array:
+  """table[ids] (XLA's gather), whose table gradient is computed without XLA's
+  scatter-add of dy into the table's rows, by `method`:
+
+  - "one_hot": one_hot(ids)^T @ dy, a matmul accumulated in float32: 2·V·D FLOPs per
+    token (3.3 GFLOP for the 65-row character LM's step, microseconds);
+  - "sorted": the ids sorted, dy's rows in that order summed within each run of one id
+    (a segmented scan, in float32), each present row's sum read at its run's end: no
+    atomics, O(tokens x D) work whatever the vocabulary. On a sharded batch the sort
+    gathers the ids and dy onto each device.
+
+  Both sums are deterministic, which the scatter's atomics on a GPU are not.
+  """
+  if method not in ("one_hot", "sorted"):
+    raise ValueError(f"take_rows method {method!r}: valid: one_hot, sorted")
   return jnp.take(table_VxD, ids, axis=0)
 
 
-def _take_rows_fwd(table_VxD, ids):
-  return take_rows(table_VxD, ids), (table_VxD, ids)
+def _take_rows_fwd(table_VxD, ids, method):
+  return take_rows(table_VxD, ids, method), (table_VxD, ids)
 
 
-def _take_rows_bwd(residuals, dy):
+def _take_rows_bwd(method, residuals, dy):
   table_VxD, ids = residuals
-  one_hot_NxV = jax.nn.one_hot(ids.reshape(-1), table_VxD.shape[0], dtype=dy.dtype)
+  rows, width = table_VxD.shape
+  ids_N, dy_NxD = ids.reshape(-1), dy.reshape(-1, width)
+  if method == "sorted":
+    return sorted_segment_sum(ids_N, dy_NxD, rows).astype(table_VxD.dtype), None
+  one_hot_NxV = jax.nn.one_hot(ids_N, rows, dtype=dy.dtype)
   dtable_VxD = jnp.einsum(
-    "nv,nd->vd", one_hot_NxV, dy.reshape(-1, table_VxD.shape[1]),
+    "nv,nd->vd", one_hot_NxV, dy_NxD,
     precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
   )  # fmt: skip
   return dtable_VxD.astype(table_VxD.dtype), None
@@ -118,19 +145,38 @@ def _take_rows_bwd(residuals, dy):
 take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
+def sorted_segment_sum(ids_N: jax.Array, values_NxD: jax.Array, num_rows: int) -> jax.Array:
+  """(num_rows, D) float32: row v is the sum of values_NxD's rows whose id is v (ids
+  outside [0, num_rows) are dropped), by a sort and a segmented scan: no scatter."""
+  order_N = jnp.argsort(ids_N)
+  sorted_N = ids_N[order_N]
+  sorted_NxD = values_NxD[order_N].astype(jnp.float32)
+  starts_N = jnp.concatenate([jnp.ones((1,), bool), sorted_N[1:] != sorted_N[:-1]])
+
+  def add_within_runs(a, b):  # associative: a run's start stops the sum from the left
+    (start_a, sum_a), (start_b, sum_b) = a, b
+    return start_a | start_b, jnp.where(start_b[:, None], sum_b, sum_a + sum_b)
+
+  _, sums_NxD = jax.lax.associative_scan(add_within_runs, (starts_N, sorted_NxD))
+  rows_V = jnp.arange(num_rows, dtype=sorted_N.dtype)
+  ends_V = jnp.searchsorted(sorted_N, rows_V, side="right")  # one past each row's run
+  present_V = ends_V > jnp.searchsorted(sorted_N, rows_V, side="left")
+  return jnp.where(present_V[:, None], sums_NxD[jnp.maximum(ends_V - 1, 0)], 0.0)
+
+
 class Embed(nn.Embed):
-  """nn.Embed (same parameters, same forward) whose lookup's gradient is a one-hot
-  matmul (`take_rows`) for vocabularies of up to ONE_HOT_GRAD_MAX_VOCAB rows; larger
-  ones keep XLA's scatter, whose updates spread over many rows and which costs less
-  than the matmul's 2·V·D FLOPs per token."""
+  """nn.Embed (same parameters, same forward) whose lookup's gradient avoids XLA's
+  scatter-add where it is slow (`embed_grad_method`: a one-hot matmul for small
+  vocabularies, a sort on a GPU for large ones); elsewhere nn.Embed's own."""
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    if self.num_embeddings > ONE_HOT_GRAD_MAX_VOCAB:
+    method = embed_grad_method(self.num_embeddings)
+    if method == "scatter":
       return super().__call__(inputs)
     if not jnp.issubdtype(inputs.dtype, jnp.integer):
       raise ValueError("Input type must be an integer or unsigned integer.")
     (table_VxD,) = self.promote_dtype(self.embedding, dtype=self.dtype, inexact=False)
-    return take_rows(table_VxD, inputs)
+    return take_rows(table_VxD, inputs, method)
 
 
 class Conv(nn.Module):
