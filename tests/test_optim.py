@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from research import config as config_lib
-from research import experiment, optim, registry
+from research import experiment, losses, optim, registry
 
 
 def _params():
@@ -127,3 +127,26 @@ def test_evaluation_reports_the_loss_without_label_smoothing():
   nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)[:, 0]
   np.testing.assert_allclose(plain(logits, labels), nll, rtol=1e-6)
   assert not np.allclose(smoothed(logits, labels), nll)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_integer_label_xent_equals_optax_one_hot_in_value_and_gradient(dtype):
+  logits = (3 * jax.random.normal(jax.random.key(0), (4, 7, 300))).astype(dtype)
+  labels = jax.random.randint(jax.random.key(1), (4, 7), 0, 300).at[0, :3].set(-1)  # -1: padding
+  real = (labels >= 0).astype(jnp.float32)
+  weights = jax.random.normal(jax.random.key(2), (4, 7))
+
+  def loss(fn):
+    return lambda z: jnp.sum(fn(z) * real * weights)
+
+  ours = loss(lambda z: losses.xent_integer_labels(z, labels))
+  theirs = loss(
+    lambda z: optax.softmax_cross_entropy(z.astype(jnp.float32), jax.nn.one_hot(labels, 300))
+  )
+  np.testing.assert_allclose(ours(logits), theirs(logits), rtol=1e-6)
+  got, want = jax.jit(jax.grad(ours))(logits), jax.grad(theirs)(logits)
+  assert got.dtype == dtype and np.all(np.asarray(got[0, :3]) == 0)  # padding: no gradient
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=1e-6)
+  # softmax_xent without smoothing is this loss.
+  plain = registry.losses.get("softmax_xent")()
+  np.testing.assert_array_equal(plain(logits, labels), losses.xent_integer_labels(logits, labels))
