@@ -17,6 +17,7 @@ import collections
 import glob
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -104,7 +105,7 @@ def time_steps(step, state, batch, steps: int = 0, seconds: float = 0.0):
   return (time.perf_counter() - t0) / done, state
 
 
-def kernel_table(step, state, batch, steps: int = 3, top: int = 15) -> tuple[dict, object]:
+def kernel_table(step, state, batch, steps: int = 3, top: int = 25) -> tuple[dict, object]:
   """Device time per XLA operation (with the model code it came from) and per kernel,
   over `steps` steps, from the accelerator planes of JAX's profiler; and the state
   after them (the step donates its input state)."""
@@ -139,14 +140,25 @@ def kernel_table(step, state, batch, steps: int = 3, top: int = 15) -> tuple[dic
           by[table][name] += event.duration_ns / 1e6 / steps
           row_sources[name] = sources.get(op, "")
   result = {"planes": planes}
+  # Rows by (name, model code), layers alike in one row: block_3 -> block_*, and a
+  # kernel's "[custom-call.98]" -> "[custom-call]" (bench.group_by_source for ops).
+  by_source = collections.Counter()  # device time by model code alone
   for table, counter in by.items():
+    grouped = collections.Counter()
+    for name, ms in counter.items():
+      source = re.sub(r"block_\d+", "block_*", row_sources.get(name, ""))
+      grouped[(re.sub(r"\.\d+(\]?)$", r"\1", name), source)] += ms
+      if table == "kernel":
+        by_source[source or "(no source)"] += ms
     total = sum(counter.values())
-    grouped = bench.group_by_source(counter, row_sources)
     result[f"{table}_total_ms"] = total
     result[table] = [
       {"name": n[:90], "source": src[:120], "ms_per_step": ms, "share": ms / max(total, 1e-9)}
       for (n, src), ms in grouped.most_common(top)
     ]
+  result["source"] = [
+    {"source": src[:160], "ms_per_step": ms} for src, ms in by_source.most_common(top)
+  ]
   return result, state
 
 
@@ -155,6 +167,9 @@ def print_kernels(kernels: dict) -> None:
     print(f"-- per {table}: {kernels[f'{table}_total_ms']:.1f} ms per step", flush=True)
     for r in kernels[table]:
       print(f"{r['ms_per_step']:8.2f} ms {100 * r['share']:5.1f}% {r['name']}  {r['source']}")
+  print("-- per model code (all kernels)", flush=True)
+  for r in kernels["source"]:
+    print(f"{r['ms_per_step']:8.2f} ms {r['source']}")
 
 
 def main():

@@ -83,6 +83,7 @@ def test_gpu_benchmark_script_runs_its_parts_on_the_cpu(tmp_path, tfds_data_dir)
   assert xla_options["setup_seconds"]["state_init"] == xla["setup_seconds"]["state_init"]
   assert set(xla["setup_seconds"]) == {"build", "state_init", "step_compile"}
   assert saved["profile_of"]["attention"] == "xla" and "kernel" in saved["kernels"]
+  assert isinstance(saved["kernels"]["source"], list)  # by model code (GPU planes only)
   assert saved["kernels"]["compiler_options"] == {"xla_gpu_enable_command_buffer": ""}
   assert xla["size"] == "gpt2"
   # research.train at GPT-2's padded vocabulary (LM_SIZE=gpt2_124m), smoke-sized layers
