@@ -141,7 +141,7 @@ def kernel_table(step, state, batch, steps: int = 3, top: int = 25) -> tuple[dic
           row_sources[name] = sources.get(op, "")
   result = {"planes": planes}
   # Rows by (name, model code), layers alike in one row: block_3 -> block_*, and a
-  # kernel's "[custom-call.98]" -> "[custom-call]" (bench.group_by_source for ops).
+  # kernel's "[custom-call.98]" -> "[custom-call]", an op's "fusion.12" -> "fusion".
   by_source = collections.Counter()  # device time by model code alone
   for table, counter in by.items():
     grouped = collections.Counter()

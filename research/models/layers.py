@@ -84,9 +84,9 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
 
 # Up to this many rows, an embedding's gradient is a one-hot matmul instead of a scatter.
 # The one-hot (tokens x rows, in the compute dtype) is then no larger than dy itself at
-# widths >= 1,024; larger vocabularies spread the scatter's updates over more rows.
+# widths >= 1,024; above, its 2·V·D FLOPs per token grow with the table, and a sort
+# (on a GPU) or XLA's scatter (elsewhere) takes the gradient: see embed_grad_method.
 ONE_HOT_GRAD_MAX_VOCAB = 1024
-EMBED_GRAD_METHODS = ("one_hot", "sorted", "scatter")
 
 
 def embed_grad_method(num_rows: int) -> str:
