@@ -186,22 +186,24 @@ def main():
   # the first try (2026-11-25) did not reach before its time limit.
   variants = parse_variants(os.environ.get("VARIANTS") or "cudnn:32 xla:32 cudnn:64 einsum:32")
   best = None
-  built = None  # (attention, batch, build's results): reused by the next variant's options
+  built_for = None  # the (attention, batch) that the names below were built for
   for attention, batch, options in variants:
     try:
-      if built is None or tuple(built[:2]) != (attention, batch):
-        built = None  # the previous state's memory first
-        built = [attention, batch, *build(attention, batch, smoke)]
-      config, exp, lowered, step, state, arrays, setup = built[2:]
-      if options != "default":
+      if built_for != (attention, batch):
+        built_for, state = None, None  # the previous state's memory first
+        config, exp, lowered, built_step, state, arrays, built_setup = build(
+          attention, batch, smoke
+        )
+        built_for = (attention, batch)
+      step, setup = built_step, built_setup
+      if options != "default":  # the same program and state, other XLA options
         t0 = time.perf_counter()
         step = lowered.compile(compiler_options=OPTION_SETS[options])
         setup = {**setup, "step_compile": time.perf_counter() - t0}
       seconds, state = time_steps(step, state, arrays, 3 if smoke else 10)
       sustained, state = time_steps(step, state, arrays, seconds=0.2 if smoke else 5.0)
-      built[6] = state  # the step donated the one before
     except Exception as e:  # noqa: BLE001  a variant this machine cannot run
-      built = None  # its state may be donated: the next variant builds its own
+      built_for = None  # its state may be donated: the next variant builds its own
       results["variants"].append(
         {"attention": attention, "batch": batch, "options": options, "error": str(e)[:300]}
       )
@@ -227,12 +229,12 @@ def main():
       results["profile_of"] = row
       profile_options = {**OPTION_SETS[options], **PROFILE_COMPILER_OPTIONS}
       profiled = lowered.compile(compiler_options=profile_options)
-      results["kernels"], built[6] = kernel_table(profiled, state, arrays)
+      results["kernels"], state = kernel_table(profiled, state, arrays)
       results["kernels"]["compiler_options"] = {k: str(v) for k, v in profile_options.items()}
       print_kernels(results["kernels"])
       del profiled
     write()
-    del step, state
+    del step
 
 
 if __name__ == "__main__":

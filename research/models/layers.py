@@ -159,9 +159,9 @@ def sorted_segment_sum(ids_N: jax.Array, values_NxD: jax.Array, num_rows: int) -
 
   _, sums_NxD = jax.lax.associative_scan(add_within_runs, (starts_N, sorted_NxD))
   rows_V = jnp.arange(num_rows, dtype=sorted_N.dtype)
-  ends_V = jnp.searchsorted(sorted_N, rows_V, side="right")  # one past each row's run
-  present_V = ends_V > jnp.searchsorted(sorted_N, rows_V, side="left")
-  return jnp.where(present_V[:, None], sums_NxD[jnp.maximum(ends_V - 1, 0)], 0.0)
+  last_V = jnp.maximum(jnp.searchsorted(sorted_N, rows_V, side="right") - 1, 0)  # runs' ends
+  present_V = sorted_N[last_V] == rows_V
+  return jnp.where(present_V[:, None], sums_NxD[last_V], 0.0)
 
 
 class Embed(nn.Embed):
