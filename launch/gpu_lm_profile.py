@@ -4,7 +4,8 @@ implementation and batch, then where the time goes (JAX's profiler, per device k
     python launch/gpu_lm_profile.py OUT_DIR [--smoke]
     VARIANTS="cudnn:32 cudnn:64" python launch/gpu_lm_profile.py OUT_DIR   # attention:batch
     VARIANTS="cudnn:32 cudnn:32:cublaslt" python launch/gpu_lm_profile.py OUT_DIR
-        # attention:batch:options, OPTION_SETS below: XLA options for the step's compile
+        # attention:batch:options, OPTION_SETS below: XLA options for the step's compile,
+        # or CODE_OPTIONS: the step traced with another form of a layer or the loss
     LM_SIZE=gpt2_124m python launch/gpu_lm_profile.py OUT_DIR   # GPT-2's vocabulary: 124M
 
 Prints a table; writes OUT_DIR/lm_profile.json. A diagnostic for
@@ -14,6 +15,7 @@ results/benchmarks_gpu.md, run by hand on a GPU machine.
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import json
 import os
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import jax
 
-from research import bench, experiment, flops, parallel, runtime, train
+from research import bench, experiment, flops, losses, parallel, runtime, train
 from research import config as config_lib
 
 
@@ -75,15 +77,31 @@ OPTION_SETS = {
 }
 
 
+@contextlib.contextmanager
+def xent_one_pass():
+  """The cross-entropy's max, sum and the accuracy's argmax in one pass over the logits
+  (losses.logsumexp_argmax) on this backend, while the step is traced."""
+  saved = losses.ONE_PASS_XENT_BACKENDS
+  losses.ONE_PASS_XENT_BACKENDS = frozenset({jax.default_backend()})
+  try:
+    yield
+  finally:
+    losses.ONE_PASS_XENT_BACKENDS = saved
+
+
+# Code a variant traces its step with (also the third field of a VARIANTS entry): a new
+# program, so the variant builds its own step and state.
+CODE_OPTIONS = {"xent_one_pass": xent_one_pass}
+
+
 def parse_variants(text: str) -> list[tuple[str, int, str]]:
   """'cudnn:32 cudnn:32:cublaslt' -> [(attention, batch, option set), ...]."""
   variants = []
   for entry in text.split():
     attention, batch, options = (entry.split(":") + ["default"])[:3]
-    if options not in OPTION_SETS:
-      raise SystemExit(
-        f"VARIANTS entry {entry!r}: options {options!r}: valid: {', '.join(OPTION_SETS)}"
-      )
+    if options not in OPTION_SETS and options not in CODE_OPTIONS:
+      valid = ", ".join([*OPTION_SETS, *CODE_OPTIONS])
+      raise SystemExit(f"VARIANTS entry {entry!r}: options {options!r}: valid: {valid}")
     variants.append((attention, int(batch), options))
   return variants
 
@@ -186,19 +204,22 @@ def main():
   # the first try (2026-11-25) did not reach before its time limit.
   variants = parse_variants(os.environ.get("VARIANTS") or "cudnn:32 xla:32 cudnn:64 einsum:32")
   best = None
-  built_for = None  # the (attention, batch) that the names below were built for
+  built_for = None  # the (attention, batch, code option) the names below were built for
   for attention, batch, options in variants:
+    code = options if options in CODE_OPTIONS else "default"
+    xla_options = OPTION_SETS.get(options, {})
     try:
-      if built_for != (attention, batch):
+      if built_for != (attention, batch, code):
         built_for, state = None, None  # the previous state's memory first
-        config, exp, lowered, built_step, state, arrays, built_setup = build(
-          attention, batch, smoke
-        )
-        built_for = (attention, batch)
+        with CODE_OPTIONS.get(code, contextlib.nullcontext)():
+          config, exp, lowered, built_step, state, arrays, built_setup = build(
+            attention, batch, smoke
+          )
+        built_for = (attention, batch, code)
       step, setup = built_step, built_setup
-      if options != "default":  # the same program and state, other XLA options
+      if xla_options:  # the same program and state, other XLA options
         t0 = time.perf_counter()
-        step = lowered.compile(compiler_options=OPTION_SETS[options])
+        step = lowered.compile(compiler_options=xla_options)
         setup = {**setup, "step_compile": time.perf_counter() - t0}
       seconds, state = time_steps(step, state, arrays, 3 if smoke else 10)
       sustained, state = time_steps(step, state, arrays, seconds=0.2 if smoke else 5.0)
@@ -216,7 +237,7 @@ def main():
     peak, source = flops.peak_per_device(config.dtype)
     row = {
       "size": lm_size(), "attention": attention, "batch": batch, "options": options,
-      "compiler_options": {k: str(v) for k, v in OPTION_SETS[options].items()},
+      "compiler_options": {k: str(v) for k, v in xla_options.items()},
       "step_ms": 1e3 * seconds, "tflops": model_flops / seconds / 1e12,
       "mfu": model_flops / seconds / peak, "step_ms_sustained_5s": 1e3 * sustained,
       "mfu_sustained_5s": model_flops / sustained / peak, "peak": source, "setup_seconds": setup,
@@ -227,7 +248,7 @@ def main():
     if first or row["mfu"] > best["mfu"]:
       best = row
       results["profile_of"] = row
-      profile_options = {**OPTION_SETS[options], **PROFILE_COMPILER_OPTIONS}
+      profile_options = {**xla_options, **PROFILE_COMPILER_OPTIONS}
       profiled = lowered.compile(compiler_options=profile_options)
       results["kernels"], state = kernel_table(profiled, state, arrays)
       results["kernels"]["compiler_options"] = {k: str(v) for k, v in profile_options.items()}

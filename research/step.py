@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from research import optim
+from research import losses, optim
 
 
 @flax.struct.dataclass
@@ -121,9 +121,10 @@ def make_train_step(
         logits_Bx_xK = model.apply({"params": params, **model_state}, *inputs, train=False)
     real_Bx_ = (targets_Bx_ >= 0).astype(jnp.float32)
     count = jnp.maximum(jnp.sum(real_Bx_), 1.0)
-    data_loss = jnp.sum(loss_fn(logits_Bx_xK, targets_Bx_) * real_Bx_) / count
+    loss_Bx_, predicted_Bx_ = losses.loss_and_argmax(loss_fn, logits_Bx_xK, targets_Bx_)
+    data_loss = jnp.sum(loss_Bx_ * real_Bx_) / count
     total = data_loss + optim.penalty(params, l1_penalty, l2_penalty)
-    accuracy = jnp.sum((jnp.argmax(logits_Bx_xK, -1) == targets_Bx_) * real_Bx_) / count
+    accuracy = jnp.sum((predicted_Bx_ == targets_Bx_) * real_Bx_) / count
     return total, (data_loss, accuracy, dict(model_state))
 
   gradients = jax.value_and_grad(objective, has_aux=True)
@@ -196,8 +197,9 @@ def make_eval_step(
     mask_B = batch["mask"].astype(jnp.float32)
     real_BxT = (targets_Bx_ >= 0).reshape(targets_Bx_.shape[0], -1).astype(jnp.float32)
     real_BxT = real_BxT * mask_B[:, None]
-    loss_BxT = loss_fn(logits_Bx_xK, targets_Bx_).reshape(real_BxT.shape)
-    correct_BxT = (jnp.argmax(logits_Bx_xK, -1) == targets_Bx_).reshape(real_BxT.shape)
+    loss_Bx_, predicted_Bx_ = losses.loss_and_argmax(loss_fn, logits_Bx_xK, targets_Bx_)
+    loss_BxT = loss_Bx_.reshape(real_BxT.shape)
+    correct_BxT = (predicted_Bx_ == targets_Bx_).reshape(real_BxT.shape)
     per_target = jnp.maximum(jnp.sum(real_BxT, axis=1), 1.0)
     return {
       "loss_sum": jnp.sum(jnp.sum(loss_BxT * real_BxT, axis=1) / per_target),

@@ -67,13 +67,14 @@ def test_launchers_reject_bad_options():
 def test_gpu_benchmark_script_runs_its_parts_on_the_cpu(tmp_path, tfds_data_dir):
   env = {
     **os.environ, "TFDS_DATA_DIR": tfds_data_dir, "PY": sys.executable, "OUT": str(tmp_path),
-    "SMOKE": "1", "PARTS": "profile", "VARIANTS": "cudnn:4 xla:4 xla:4:no_command_buffer",
+    "SMOKE": "1", "PARTS": "profile",
+    "VARIANTS": "cudnn:4 xla:4 xla:4:no_command_buffer xla:4:xent_one_pass",
   }  # fmt: skip
   script = str(LAUNCH / "gpu_benchmarks.sh")
   result = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout + result.stderr
   saved = json.loads((tmp_path / "lm_profile.json").read_text())
-  cudnn, xla, xla_options = saved["variants"]
+  cudnn, xla, xla_options, one_pass = saved["variants"]
   assert cudnn["attention"] == "cudnn" and "error" in cudnn  # no cuDNN here: the row says why
   assert xla["step_ms"] > 0 and xla["step_ms_sustained_5s"] > 0 and xla["mfu"] > 0
   assert xla["options"] == "default" and xla["compiler_options"] == {}
@@ -82,6 +83,11 @@ def test_gpu_benchmark_script_runs_its_parts_on_the_cpu(tmp_path, tfds_data_dir)
   assert xla_options["compiler_options"] == {"xla_gpu_enable_command_buffer": ""}
   assert xla_options["setup_seconds"]["state_init"] == xla["setup_seconds"]["state_init"]
   assert set(xla["setup_seconds"]) == {"build", "state_init", "step_compile"}
+  # A code option traces a step of its own (the loss in one pass), with XLA's defaults.
+  assert one_pass["options"] == "xent_one_pass" and one_pass["compiler_options"] == {}
+  assert (
+    one_pass["step_ms"] > 0 and one_pass["setup_seconds"]["build"] != xla["setup_seconds"]["build"]
+  )
   assert saved["profile_of"]["attention"] == "xla" and "kernel" in saved["kernels"]
   assert isinstance(saved["kernels"]["source"], list)  # by model code (GPU planes only)
   assert saved["kernels"]["compiler_options"] == {"xla_gpu_enable_command_buffer": ""}

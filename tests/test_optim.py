@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,3 +154,78 @@ def test_integer_label_xent_equals_optax_one_hot_in_value_and_gradient(dtype):
   # softmax_xent without smoothing is this loss.
   plain = registry.losses.get("softmax_xent")()
   np.testing.assert_array_equal(plain(logits, labels), losses.xent_integer_labels(logits, labels))
+
+
+def _logits_with_ties(dtype):
+  """Random logits with a row of equal values, a row whose max is at two places, a row
+  mostly -inf (masked), and padding labels."""
+  logits = 3 * jax.random.normal(jax.random.key(0), (4, 7, 300))
+  logits = logits.at[1, 2].set(0.5).at[1, 3, jnp.array([40, 200])].set(100.0)
+  logits = logits.at[2, 0, :150].set(-jnp.inf).astype(dtype)
+  labels = jax.random.randint(jax.random.key(1), (4, 7), 0, 300).at[0, :3].set(-1)
+  return logits, labels.at[2, 0].set(299)  # a finite logit's label
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_one_pass_xent_equals_two_pass_and_argmax(dtype):
+  logits, labels = _logits_with_ties(dtype)
+  maxes, sums, argmax = jax.jit(losses.logsumexp_argmax)(logits)
+  logits32 = logits.astype(jnp.float32)
+  np.testing.assert_array_equal(maxes, jnp.max(logits32, -1))
+  np.testing.assert_allclose(sums, jnp.sum(jnp.exp(logits32 - maxes[..., None]), -1), rtol=1e-6)
+  np.testing.assert_array_equal(argmax, jnp.argmax(logits, -1))  # ties: the first index
+  assert argmax[1, 2] == 0 and argmax[1, 3] == 40
+  real = (labels >= 0).astype(jnp.float32)
+  weights = jax.random.normal(jax.random.key(2), (4, 7))
+  one_pass = lambda z: jnp.sum(losses.xent_and_argmax(z, labels)[0] * real * weights)  # noqa: E731
+  two_pass = lambda z: jnp.sum(losses.xent_integer_labels(z, labels) * real * weights)  # noqa: E731
+  np.testing.assert_allclose(jax.jit(one_pass)(logits), two_pass(logits), rtol=1e-6)
+  got, want = jax.jit(jax.grad(one_pass))(logits), jax.jit(jax.grad(two_pass))(logits)
+  assert got.dtype == dtype and np.all(np.asarray(got[0, :3]) == 0)  # padding: no gradient
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=1e-6)
+
+
+def test_softmax_xent_takes_the_accuracy_argmax_from_its_pass_on_one_pass_backends(monkeypatch):
+  logits, labels = _logits_with_ties(jnp.float32)
+  plain, smoothed = (registry.losses.get("softmax_xent")(label_smoothing=s) for s in (0.0, 0.1))
+  two_pass = jax.jit(lambda z: losses.loss_and_argmax(plain, z, labels))(logits)
+  passes = []
+  real_reduction = losses.logsumexp_argmax
+  monkeypatch.setattr(losses, "logsumexp_argmax", lambda z: passes.append(1) or real_reduction(z))
+  losses.loss_and_argmax(plain, logits, labels)
+  assert not passes  # not a one-pass backend: two reductions and an argmax
+  monkeypatch.setattr(losses, "ONE_PASS_XENT_BACKENDS", frozenset({jax.default_backend()}))
+  one_pass = jax.jit(lambda z: losses.loss_and_argmax(plain, z, labels))(logits)
+  assert passes == [1]
+  np.testing.assert_allclose(one_pass[0], two_pass[0], rtol=1e-6)
+  np.testing.assert_array_equal(one_pass[1], two_pass[1])
+  losses.loss_and_argmax(smoothed, logits, labels)  # label smoothing: optax's form, own argmax
+  assert passes == [1]
+
+
+def test_one_pass_xent_with_classes_split_over_devices_equals_one_device():
+  """Tensor parallelism splits the logits over classes: XLA partitions the variadic
+  reduction (partial results per device, then combined)."""
+  code = """if True:
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from research import losses
+    logits = 3 * jax.random.normal(jax.random.key(0), (4, 8, 256))
+    labels = jax.random.randint(jax.random.key(1), (4, 8), 0, 256)
+    def loss(z):
+      per_target, argmax = losses.xent_and_argmax(z, labels)
+      return jnp.sum(per_target), argmax
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (value, argmax), grad = step(logits)
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))  # as research's
+    split = jax.device_put(logits, NamedSharding(mesh, PartitionSpec("data", None, "model")))
+    (value8, argmax8), grad8 = step(split)
+    assert len(grad8.sharding.device_set) == 8
+    np.testing.assert_allclose(value8, value, rtol=1e-6)
+    np.testing.assert_array_equal(argmax8, argmax)
+    np.testing.assert_allclose(grad8, grad, atol=1e-6)
+    print("ok")
+  """
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+  assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
