@@ -103,8 +103,12 @@ def xent_and_argmax(logits_Bx_xK: jax.Array, labels_Bx_: jax.Array):
 
 def _xent_and_argmax_fwd(logits_Bx_xK, labels_Bx_):
   max_Bx_, sum_exp_Bx_, argmax_Bx_ = logsumexp_argmax(logits_Bx_xK)
-  max_Bx_ = jnp.where(jnp.isfinite(max_Bx_), max_Bx_, 0.0)  # an inf row: NaN, as above
+  finite_Bx_ = jnp.isfinite(max_Bx_)
+  max_Bx_ = jnp.where(finite_Bx_, max_Bx_, 0.0)  # the backward as the two-pass form's
   loss_Bx_, residuals = _xent_from_parts(logits_Bx_xK, labels_Bx_, max_Bx_, sum_exp_Bx_)
+  # A row whose max is +-inf has no finite loss (the two-pass form: inf or NaN); the sum
+  # here is relative to that max, so say NaN rather than a finite number.
+  loss_Bx_ = jnp.where(finite_Bx_, loss_Bx_, jnp.nan)
   return (loss_Bx_, argmax_Bx_), residuals
 
 

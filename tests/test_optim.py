@@ -183,6 +183,10 @@ def test_one_pass_xent_equals_two_pass_and_argmax(dtype):
   got, want = jax.jit(jax.grad(one_pass))(logits), jax.jit(jax.grad(two_pass))(logits)
   assert got.dtype == dtype and np.all(np.asarray(got[0, :3]) == 0)  # padding: no gradient
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=1e-6)
+  # An infinite logit: no finite loss in either form (nan_policy halts or skips).
+  for row in (logits.at[3, 1, 5].set(jnp.inf), logits.at[3, 1].set(-jnp.inf)):
+    assert not np.isfinite(losses.xent_and_argmax(row, labels)[0][3, 1])
+    assert not np.isfinite(losses.xent_integer_labels(row, labels)[3, 1])
 
 
 def test_softmax_xent_takes_the_accuracy_argmax_from_its_pass_on_one_pass_backends(monkeypatch):
