@@ -120,18 +120,12 @@ xent_and_argmax.defvjp(_xent_and_argmax_fwd, _xent_and_argmax_bwd)
 
 
 def loss_and_argmax(loss_fn, logits_Bx_xK: jax.Array, labels_Bx_: jax.Array):
-  """(loss_fn(logits, labels), argmax(logits, -1)): the accuracy's argmax from the
+  """(loss_fn(logits, labels), argmax(logits, -1)): on ONE_PASS_XENT_BACKENDS, from the
   loss's own pass over the logits where the loss offers one (`loss_fn.and_argmax`)."""
   fused = getattr(loss_fn, "and_argmax", None)
-  if fused is not None:
+  if fused is not None and jax.default_backend() in ONE_PASS_XENT_BACKENDS:
     return fused(logits_Bx_xK, labels_Bx_)
   return loss_fn(logits_Bx_xK, labels_Bx_), jnp.argmax(logits_Bx_xK, -1)
-
-
-def _integer_label_xent_and_argmax(logits_Bx_xK, labels_Bx_):
-  if jax.default_backend() in ONE_PASS_XENT_BACKENDS:
-    return xent_and_argmax(logits_Bx_xK, labels_Bx_)
-  return xent_integer_labels(logits_Bx_xK, labels_Bx_), jnp.argmax(logits_Bx_xK, -1)
 
 
 @registry.losses.register("softmax_xent")
@@ -146,7 +140,7 @@ def softmax_xent(label_smoothing: float = 0.0):
     return optax.softmax_cross_entropy(logits_Bx_xK.astype(jnp.float32), targets_Bx_xK)
 
   if label_smoothing == 0.0:
-    loss_fn.and_argmax = _integer_label_xent_and_argmax
+    loss_fn.and_argmax = xent_and_argmax
   return loss_fn
 
 
