@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -249,3 +254,58 @@ def test_embed_grad_method_sorts_on_a_gpu_only_above_the_one_hot_size(monkeypatc
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert layers.embed_grad_method(layers.ONE_HOT_GRAD_MAX_VOCAB) == "one_hot"
   assert layers.embed_grad_method(50_304) == "sorted"
+
+
+def test_dropout_masks_four_elements_per_random_word_with_nn_dropouts_expectation():
+  ones = jnp.ones((4000, 37))  # a width that is no multiple of four
+  drop = lambda rate, key=0, x=ones: layers.Dropout(rate).apply(  # noqa: E731
+    {}, x, deterministic=False, rngs={"dropout": jax.random.key(key)}
+  )
+  out = np.asarray(drop(0.25))
+  kept = out > 0
+  np.testing.assert_array_equal(out[kept], np.float32(1 / 0.75))  # exact: 0.75 = 192/256
+  np.testing.assert_array_equal(out[~kept], 0.0)
+  assert abs(kept.mean() - 0.75) < 0.005
+  # Every byte of a word, so every column, keeps at the rate; neighbours independently.
+  assert np.all(np.abs(kept.mean(axis=0) - 0.75) < 0.03)
+  assert abs((kept[:, 0::4][:, :9] & kept[:, 1::4]).mean() - 0.75**2) < 0.01
+  np.testing.assert_array_equal(drop(0.25), out)  # a function of the key ...
+  assert (np.asarray(drop(0.25, key=1)) != out).mean() > 0.3  # ... and not of anything else
+  # A rate that is no multiple of 1/256 takes 16 bits: the probability within 2^-17.
+  keep, prob = layers.dropout_mask(jax.random.key(0), (4000, 37), 0.1)
+  assert abs(prob - 0.9) <= 2**-17 and abs(float(keep.mean()) - 0.9) < 0.005
+  out = np.asarray(drop(0.1))
+  np.testing.assert_allclose(out[out > 0], 1 / prob, rtol=1e-6)  # scaled by what it keeps
+  assert np.mean(np.asarray(drop(0.1, x=jnp.ones((200_000,))))) == pytest.approx(1.0, abs=0.01)
+  # The identity when deterministic or at rate 0; a scalar input; bad rates.
+  np.testing.assert_array_equal(layers.Dropout(0.5).apply({}, ones, deterministic=True), ones)
+  np.testing.assert_array_equal(drop(0.0), ones)
+  assert drop(0.5, x=jnp.ones(())).shape == ()
+  with pytest.raises(ValueError, match="valid: 0 <= rate < 1"):
+    layers.dropout_mask(jax.random.key(0), (3,), 1.5)
+  np.testing.assert_array_equal(drop(1.0), 0.0)
+
+
+def test_dropout_mask_is_the_same_split_over_devices():
+  """The mask depends on the key and the shape only: sharded over the batch or the
+  packed last axis on 8 devices, it equals the unsharded one."""
+  code = """
+    import jax, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from research.models import layers
+    x = jax.numpy.ones((16, 6, 64))
+    drop = jax.jit(lambda x, key: layers.Dropout(0.25).apply(
+      {}, x, deterministic=False, rngs={"dropout": key}))
+    key = jax.random.key(3)
+    whole = drop(x, key)
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    for spec in (P("data", None, "model"), P(("data", "model"))):
+      split = drop(jax.device_put(x, NamedSharding(mesh, spec)), key)
+      assert len(split.sharding.device_set) == 8
+      np.testing.assert_array_equal(split, whole)
+    print("ok")
+  """
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  code = textwrap.dedent(code)
+  run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+  assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]

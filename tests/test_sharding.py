@@ -162,7 +162,12 @@ def test_dp_fsdp_tp_losses_equal_one_device(mnist, tfds_data_dir, mnist_raw_dir,
     # at most over 50 steps, while data 4 x model 2 holds 1e-7 to step 12. Steps
     # 1-8 at 1e-5; step 1 alone shows a BatchNorm that averaged per device
     # instead of over the global batch. All 50 steps must stay within 2e-2.
-    steps = 8 if model == "resnet" else 50
+    # The CNN's trajectory amplifies the same 1e-7 differences in some draws of its
+    # dropout masks: over seeds 0-12 on 8-way data parallel (same masks on both, by
+    # checksum), the loss drifted beyond 1e-5 within 50 steps for 4 seeds with
+    # 32-bit masks and 7 with layers.dropout_mask's packed ones (seed 0 among
+    # them: 1.5e-6 at step 12, 3.8e-4 at most), never beyond 1e-6 before step 11.
+    steps = {"resnet": 8, "cnn": 10}.get(model, 50)
     for name, mesh in MESHES.items():
       losses = eight[f"{model}:{mesh}"]
       assert losses[:steps] == pytest.approx(reference[:steps], rel=1e-5), (model, name)

@@ -55,8 +55,8 @@ class KerasCNN(nn.Module):
     for i, features in enumerate(self.conv_features):
       x = nn.relu(layers.conv(features, 3, "VALID", self.dtype, f"conv{i + 1}")(x))
     x_BxHxWxF = layers.max_pool_2x2(x)
-    x_BxHxWxF = nn.Dropout(self.conv_dropout, deterministic=not train)(x_BxHxWxF)
+    x_BxHxWxF = layers.Dropout(self.conv_dropout, deterministic=not train)(x_BxHxWxF)
     x_BxF = layers.flatten(x_BxHxWxF)
     x_BxF = nn.relu(layers.dense(self.dense_features, ("embed", "mlp"), self.dtype, "fc1")(x_BxF))
-    x_BxF = nn.Dropout(self.dense_dropout, deterministic=not train)(x_BxF)
+    x_BxF = layers.Dropout(self.dense_dropout, deterministic=not train)(x_BxF)
     return layers.dense(self.num_classes, ("mlp", "classes"), self.dtype, "head")(x_BxF)

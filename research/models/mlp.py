@@ -47,6 +47,6 @@ class MLP(nn.Module):
       # `model`, consecutive layers need no all-gather in between.
       axes = ("embed", "mlp") if i % 2 == 0 else ("mlp", "embed")
       x_BxF = act(layers.dense(width, axes, self.dtype, f"hidden_{i}")(x_BxF))
-      x_BxF = nn.Dropout(self.dropout, deterministic=not train)(x_BxF)
+      x_BxF = layers.Dropout(self.dropout, deterministic=not train)(x_BxF)
     head_in = "mlp" if len(self.widths) % 2 else "embed"
     return layers.dense(self.num_classes, (head_in, "classes"), self.dtype, "head")(x_BxF)

@@ -63,7 +63,7 @@ class DecoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD, positions_T, encoded_BxSxD, mask_BxS, train, decode):
     width = x_BxTxD.shape[-1]
-    drop = nn.Dropout(self.dropout, deterministic=not train)
+    drop = layers.Dropout(self.dropout, deterministic=not train)
     attention = lambda causal, name: Attention(  # noqa: E731
       self.num_heads, width // self.num_heads, "sinusoidal", self.dropout, self.out_stddev,
       self.dtype, self.max_len, causal=causal, qkv_stddev=self.qkv_stddev, name=name,
@@ -129,7 +129,7 @@ class Seq2SeqTransformer(nn.Module):
     ]
     self.encoder_norm = _norm("layernorm", None)
     self.decoder_norm = _norm("layernorm", None)
-    self.embed_dropout = nn.Dropout(self.dropout)
+    self.embed_dropout = layers.Dropout(self.dropout)
     self.positions = DecoderPositions()
 
   def _embed(self, ids_BxL, positions_L, train):

@@ -138,7 +138,7 @@ class Attention(nn.Module):
       visible_BxHxLxS = visible_BxHxLxS & mask_BxS[:, None, None, :]
     logits_BxHxLxS = jnp.where(visible_BxHxLxS, logits_BxHxLxS, jnp.finfo(jnp.float32).min)
     weights_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1).astype(self.dtype)
-    weights_BxHxLxS = nn.Dropout(self.dropout, deterministic=not train)(weights_BxHxLxS)
+    weights_BxHxLxS = layers.Dropout(self.dropout, deterministic=not train)(weights_BxHxLxS)
     y_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", weights_BxHxLxS, v_BxSxHxK)
     return self._project_out(y_BxLxHxK, width)
 
@@ -264,7 +264,7 @@ class TransformerLM(nn.Module):
         "position_embedding", _init(0.02, (None, "embed")), (self.max_len, self.embed_dim)
       )
       x_BxLxD = x_BxLxD + jnp.take(table_LxD, positions_L, axis=0).astype(dtype)
-    x_BxLxD = nn.Dropout(self.dropout, deterministic=not train)(x_BxLxD)
+    x_BxLxD = layers.Dropout(self.dropout, deterministic=not train)(x_BxLxD)
     x_BxLxD = layers.constrain(x_BxLxD, ("batch", None, "embed"))
     for i in range(self.num_layers):
       h_BxLxD = _norm(self.norm, f"block_{i}_norm_1")(x_BxLxD).astype(dtype)
@@ -272,12 +272,12 @@ class TransformerLM(nn.Module):
         self.num_heads, self.embed_dim // self.num_heads, self.positions, self.dropout,
         out_stddev, dtype, self.max_len, implementation=self.attention, name=f"block_{i}_attention",
       )(h_BxLxD, positions_L, train, decode)  # fmt: skip
-      x_BxLxD = x_BxLxD + nn.Dropout(self.dropout, deterministic=not train)(h_BxLxD)
+      x_BxLxD = x_BxLxD + layers.Dropout(self.dropout, deterministic=not train)(h_BxLxD)
       h_BxLxD = _norm(self.norm, f"block_{i}_norm_2")(x_BxLxD).astype(dtype)
       h_BxLxD = MLPBlock(self.mlp_ratio * self.embed_dim, out_stddev, dtype, name=f"block_{i}_mlp")(
         h_BxLxD
       )
-      x_BxLxD = x_BxLxD + nn.Dropout(self.dropout, deterministic=not train)(h_BxLxD)
+      x_BxLxD = x_BxLxD + layers.Dropout(self.dropout, deterministic=not train)(h_BxLxD)
     x_BxLxD = _norm(self.norm, "final_norm")(x_BxLxD).astype(dtype)
     if self.tied_embeddings:
       logits_BxLxV = embedding.attend(x_BxLxD)

@@ -52,7 +52,7 @@ class EncoderBlock(nn.Module):
   def __call__(self, x_BxNxD: jax.Array, train: bool, mask_BxN: jax.Array | None = None):
     width = x_BxNxD.shape[-1]
     positions_N = jnp.arange(x_BxNxD.shape[1])
-    drop = nn.Dropout(self.dropout, deterministic=not train)
+    drop = layers.Dropout(self.dropout, deterministic=not train)
     h_BxNxD = _norm(self.norm, "norm_1")(x_BxNxD).astype(self.dtype)
     h_BxNxD = Attention(
       self.num_heads, width // self.num_heads, "learned", self.dropout, self.out_stddev,
@@ -116,7 +116,7 @@ class ViT(nn.Module):
         "position_embedding", _init(0.02, (None, "embed")), x_BxNxD.shape[1:]
       )
       x_BxNxD = x_BxNxD + positions_NxD.astype(dtype)
-    x_BxNxD = nn.Dropout(self.dropout, deterministic=not train)(x_BxNxD)
+    x_BxNxD = layers.Dropout(self.dropout, deterministic=not train)(x_BxNxD)
     x_BxNxD = layers.constrain(x_BxNxD, ("batch", None, "embed"))
     out_stddev = 0.02 / (2 * self.num_layers) ** 0.5
     for i in range(self.num_layers):
