@@ -97,15 +97,12 @@ def dropout_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> tuple[j
   bits = 8 if float(rate * 256).is_integer() else 16
   per_word = 32 // bits
   threshold = round((1.0 - rate) * (1 << bits))
-  if not shape:
-    keep, prob = dropout_mask(key, (1,), rate)
-    return keep.reshape(()), prob
-  width = shape[-1]
+  width = shape[-1] if shape else 1  # a scalar: one word, one field of it
   words = -(-width // per_word)
   words_Nx = jax.random.bits(key, shape[:-1] + (words,), jnp.uint32)
   shifts = jnp.arange(per_word, dtype=jnp.uint32) * bits
   fields = (words_Nx[..., None] >> shifts) & jnp.uint32((1 << bits) - 1)
-  fields = fields.reshape(shape[:-1] + (words * per_word,))[..., :width]
+  fields = fields.reshape(shape[:-1] + (words * per_word,))[..., :width].reshape(shape)
   return fields < threshold, threshold / (1 << bits)
 
 
