@@ -19,12 +19,15 @@ def _lm(positions="learned", max_len=12):
   return model, nn.meta.unbox(model.init(jax.random.key(1), tokens_BxL))["params"], tokens_BxL
 
 
-@pytest.mark.parametrize("positions", ["learned", "rotary"])
-def test_cached_decoding_equals_the_full_forward_pass(positions):
-  model, params, tokens_BxL = _lm(positions)
+@pytest.mark.parametrize("positions,length", [("learned", 12), ("rotary", 12), ("learned", 128)])
+def test_cached_decoding_equals_the_full_forward_pass(positions, length):
+  """128 tokens: the full pass splits causal attention's queries into blocks on the CPU
+  (transformer.causal_query_blocks); decoding takes them as they come."""
+  model, params, tokens_BxL = _lm(positions, length)
   full_BxLxV = model.apply({"params": params}, tokens_BxL)
   cache, pieces = decoding.init_cache(model, 2), []
-  for start, stop in [(0, 5)] + [(t, t + 1) for t in range(5, 12)]:  # a prompt, then one by one
+  prompt = length - 7
+  for start, stop in [(0, prompt)] + [(t, t + 1) for t in range(prompt, length)]:  # then 1 by 1
     logits, mutated = model.apply(
       {"params": params, "cache": cache}, tokens_BxL[:, start:stop], decode=True, mutable=["cache"]
     )

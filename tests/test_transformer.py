@@ -72,6 +72,26 @@ def test_fused_attention_computes_the_same_function_and_gradients():
     _model(attention="flash").apply(params, tokens_BxL)
 
 
+def test_causal_query_blocks_compute_the_same_function_and_gradients(monkeypatch):
+  """Causal self-attention with its queries in blocks (each against the keys up to its
+  end; the CPU's default) against one block: same logits and gradients, still causal."""
+  model = _model(max_len=128, embed_dim=32, num_heads=2)
+  tokens_BxL, variables = _init(model, length=128)
+  params = nn.meta.unbox(variables)
+  loss = lambda p: model.apply(p, tokens_BxL).mean()  # noqa: E731
+  assert transformer.causal_query_blocks(128) == 4 and transformer.causal_query_blocks(90) == 1
+  blocked, blocked_grads = model.apply(params, tokens_BxL), jax.grad(loss)(params)
+  changed = model.apply(params, tokens_BxL.at[:, 70].set((tokens_BxL[:, 70] + 1) % 11))
+  np.testing.assert_array_equal(changed[:, :70], blocked[:, :70])
+  assert not np.allclose(changed[:, 70:], blocked[:, 70:])
+  monkeypatch.setitem(transformer.CAUSAL_QUERY_BLOCKS, "cpu", 1)
+  assert transformer.causal_query_blocks(128) == 1
+  np.testing.assert_allclose(blocked, model.apply(params, tokens_BxL), rtol=1e-5, atol=1e-6)
+  for got, want in zip(jax.tree.leaves(blocked_grads), jax.tree.leaves(jax.grad(loss)(params)),
+                       strict=True):  # fmt: skip
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+
+
 def test_auto_attention_asks_cudnn_on_a_gpu_in_half_precision_and_falls_back(monkeypatch):
   """`auto` on a GPU in bf16: cuDNN's flash attention; where cuDNN refuses while tracing,
   XLA's; in float32 or off a GPU, XLA's without asking (jax.nn's own default is XLA's)."""
