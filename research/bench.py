@@ -751,18 +751,31 @@ def profile_row(family: str, smoke: bool) -> dict:
 # --- The run and its report.
 
 
-def machine() -> dict:
-  cpu = platform.processor()
+def cpuinfo() -> dict[str, str]:
+  """The first processor's fields in /proc/cpuinfo ({} where there is none)."""
+  fields = {}
   with contextlib.suppress(OSError):
     for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
+      if not line.strip():
         break
+      key, _, value = line.partition(":")
+      fields[key.strip()] = value.strip()
+  return fields
+
+
+def machine() -> dict:
+  info = cpuinfo()
+  cpu = info.get("model name") or platform.processor()
+  if "cpu family" in info:  # "AMD EPYC" here has run a 2048^2 matmul at 477 GFLOP/s on
+    # some days and 175-210 on others (family 25, model 17: Zen 4, whose AVX-512 runs in
+    # 256-bit halves): the name alone does not say which machine the figures are from
+    cpu += f" (family {info['cpu family']}, model {info.get('model')})"
   import jax
 
   return {
     "hostname": platform.node(),
     "cpu": cpu,
+    "avx512f": "avx512f" in info.get("flags", "").split(),
     "cpu_count": os.cpu_count(),
     "platform": platform.platform(),
     "jax_devices": [f"{d.platform}:{d.device_kind}" for d in jax.devices()],

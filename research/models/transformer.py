@@ -146,23 +146,29 @@ class Attention(nn.Module):
     blocks = causal_query_blocks(length) if self_causal and not decode and mask_BxS is None else 1
     if blocks > 1:  # block i's queries see keys [0, end of block i) only (positions ascend)
       size = length // blocks
-      y_BxLxHxK = jnp.concatenate(
+      # Heads first once (B x H x L x K), not once per block: XLA's batched matmuls want
+      # the batch axes leading, and a slice per block would transpose each anew.
+      q_BxHxLxK, k_BxHxSxK, v_BxHxSxK = (
+        jnp.swapaxes(t, 1, 2) for t in (q_BxLxHxK, k_BxSxHxK, v_BxSxHxK)
+      )  # fmt: skip
+      y_BxHxLxK = jnp.concatenate(
         [
           self._attend(
-            q_BxLxHxK[:, i * size : (i + 1) * size],
-            k_BxSxHxK[:, : (i + 1) * size],
-            v_BxSxHxK[:, : (i + 1) * size],
+            q_BxHxLxK[:, :, i * size : (i + 1) * size],
+            k_BxHxSxK[:, :, : (i + 1) * size],
+            v_BxHxSxK[:, :, : (i + 1) * size],
             positions_L[i * size : (i + 1) * size],
             positions_L[: (i + 1) * size],
             True,
             None,
             train,
+            heads_first=True,
           )  # fmt: skip
           for i in range(blocks)
         ],
-        axis=1,
+        axis=2,
       )
-      return self._project_out(y_BxLxHxK, width)
+      return self._project_out(jnp.swapaxes(y_BxHxLxK, 1, 2), width)
     key_positions_S = positions_L
     if decode and context_BxSxD is None:  # earlier calls' keys and values: the "cache"
       k_BxSxHxK, v_BxSxHxK, key_positions_S = self._cached(k_BxSxHxK, v_BxSxHxK, positions_L)
@@ -172,10 +178,12 @@ class Attention(nn.Module):
     return self._project_out(y_BxLxHxK, width)
 
   def _attend(self, q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, positions_L, key_positions_S, causal,
-              mask_BxS, train):  # fmt: skip
+              mask_BxS, train, heads_first=False):  # fmt: skip
     """softmax(q k^T / sqrt(K)) v over the keys each query sees: those at positions up to
-    its own if `causal`, and those `mask_BxS` marks."""
-    logits_BxHxLxS = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxSxHxK).astype(jnp.float32)
+    its own if `causal`, and those `mask_BxS` marks. `heads_first`: q, k, v and the result
+    are B x H x L x K."""
+    qk, pv = ("bhqk,bhsk", "bhqs,bhsk->bhqk") if heads_first else ("bqhk,bshk", "bhqs,bshk->bqhk")
+    logits_BxHxLxS = jnp.einsum(qk + "->bhqs", q_BxLxHxK, k_BxSxHxK).astype(jnp.float32)
     logits_BxHxLxS = logits_BxHxLxS / jnp.sqrt(self.head_dim).astype(jnp.float32)
     visible_BxHxLxS = jnp.ones((1, 1, 1, 1), bool)
     if causal:
@@ -185,7 +193,7 @@ class Attention(nn.Module):
     logits_BxHxLxS = jnp.where(visible_BxHxLxS, logits_BxHxLxS, jnp.finfo(jnp.float32).min)
     weights_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1).astype(self.dtype)
     weights_BxHxLxS = layers.Dropout(self.dropout, deterministic=not train)(weights_BxHxLxS)
-    return jnp.einsum("bhqs,bshk->bqhk", weights_BxHxLxS, v_BxSxHxK)
+    return jnp.einsum(pv, weights_BxHxLxS, v_BxSxHxK)
 
   def _project_out(self, y_BxLxHxK, width):
     out_HxKxD = self.param(
@@ -230,12 +238,12 @@ class MLPBlock(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     width = x_BxLxD.shape[-1]
-    h_BxLxF = nn.Dense(
+    h_BxLxF = layers.Dense(
       self.hidden, use_bias=False, dtype=self.dtype, kernel_init=_init(0.02, ("embed", "mlp")),
       name="fc_in",
     )(x_BxLxD)  # fmt: skip
     h_BxLxF = layers.constrain(nn.gelu(h_BxLxF), ("batch", None, "mlp"))
-    y_BxLxD = nn.Dense(
+    y_BxLxD = layers.Dense(
       width, use_bias=False, dtype=self.dtype,
       kernel_init=_init(self.out_stddev, ("mlp", "embed")), name="fc_out",
     )(h_BxLxF)  # fmt: skip
@@ -327,7 +335,7 @@ class TransformerLM(nn.Module):
     if self.tied_embeddings:
       logits_BxLxV = embedding.attend(x_BxLxD)
     else:
-      logits_BxLxV = nn.Dense(
+      logits_BxLxV = layers.Dense(
         self.rows, use_bias=False, dtype=dtype,
         kernel_init=_init(0.02, ("embed", "vocab")), name="head",
       )(x_BxLxD)  # fmt: skip
