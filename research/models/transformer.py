@@ -23,10 +23,10 @@ POSITIONS = ("learned", "rotary")
 ATTENTION_IMPLS = ("einsum", "auto", "xla", "cudnn")  # einsum: ours; others: jax.nn's fused
 # Causal self-attention's queries in this many blocks per backend, each block against
 # the keys up to its own end only: 10 of 16 query-key blocks computed for 4 blocks.
-# On the CPU, attention forward and backward per layer (results/benchmarks.md): 8 x 256
-# tokens, 12 heads of 64: 71-77 -> 49-50 ms (2 blocks 57, 8 blocks 56); 24 x 128, 6 of
-# 32: 18.2 -> 10.5 ms; 12 x 64, 4 of 32: 2.2 -> 1.6 ms. Not measured on GPUs, where
-# one batched matmul each way stays.
+# On the CPU (results/benchmarks.md), attention forward and backward per layer, 8 x 256
+# tokens, 12 heads of 64: 68-77 -> 41 ms (PyTorch's flash attention: 40-43; 2 or 8
+# blocks were slower than 4); 24 x 128, 6 heads of 32: 18.2 -> 10.5 ms; 12 x 64:
+# 2.2 -> 1.6 ms. Not measured on GPUs, where one batched matmul each way stays.
 CAUSAL_QUERY_BLOCKS = {"cpu": 4}
 MIN_QUERY_BLOCK = 16
 
@@ -151,23 +151,13 @@ class Attention(nn.Module):
       q_BxHxLxK, k_BxHxSxK, v_BxHxSxK = (
         jnp.swapaxes(t, 1, 2) for t in (q_BxLxHxK, k_BxSxHxK, v_BxSxHxK)
       )  # fmt: skip
-      y_BxHxLxK = jnp.concatenate(
-        [
-          self._attend(
-            q_BxHxLxK[:, :, i * size : (i + 1) * size],
-            k_BxHxSxK[:, :, : (i + 1) * size],
-            v_BxHxSxK[:, :, : (i + 1) * size],
-            positions_L[i * size : (i + 1) * size],
-            positions_L[: (i + 1) * size],
-            True,
-            None,
-            train,
-            heads_first=True,
-          )  # fmt: skip
-          for i in range(blocks)
-        ],
-        axis=2,
-      )
+      parts = []
+      for i in range(blocks):
+        block, seen = slice(i * size, (i + 1) * size), slice(0, (i + 1) * size)
+        q, k, v = q_BxHxLxK[:, :, block], k_BxHxSxK[:, :, seen], v_BxHxSxK[:, :, seen]
+        seen_by = (positions_L[block], positions_L[seen], True, None, train)
+        parts.append(self._attend(q, k, v, *seen_by, heads_first=True))
+      y_BxHxLxK = jnp.concatenate(parts, axis=2)
       return self._project_out(jnp.swapaxes(y_BxHxLxK, 1, 2), width)
     key_positions_S = positions_L
     if decode and context_BxSxD is None:  # earlier calls' keys and values: the "cache"
