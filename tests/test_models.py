@@ -50,6 +50,23 @@ def test_init_apply_shapes(name, dtype):
   assert set(updated) == set(state)
 
 
+def test_dense_flattens_leading_axes_with_nn_denses_parameters_function_and_gradients():
+  """layers.Dense: the matmul over (B*L, D) (for XLA:CPU's kernel gradient), otherwise
+  nn.Dense: same parameter tree, outputs and gradients, for 3-D, 2-D and 1-D inputs."""
+  for shape in [(3, 5, 4), (3, 4), (4,)]:
+    x = jax.random.normal(jax.random.key(0), shape)
+    ours, flax_dense = layers.Dense(6, name="fc"), nn.Dense(6, name="fc")
+    params = flax_dense.init(jax.random.key(1), x)
+    assert jax.tree.structure(ours.init(jax.random.key(1), x)) == jax.tree.structure(params)
+    y = ours.apply(params, x)
+    assert y.shape == shape[:-1] + (6,)
+    np.testing.assert_allclose(y, flax_dense.apply(params, x), rtol=1e-6, atol=1e-6)
+    grad = lambda m: jax.grad(lambda p: jnp.sum(jnp.sin(m.apply(p, x))))(params)  # noqa: E731
+    for got, want in zip(jax.tree.leaves(grad(ours)), jax.tree.leaves(grad(flax_dense)),
+                         strict=True):  # fmt: skip
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_dropout_is_active_only_in_training():
   model = registry.models.get("cnn")(num_classes=10)
   x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))
