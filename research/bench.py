@@ -767,8 +767,8 @@ def machine() -> dict:
   info = cpuinfo()
   cpu = info.get("model name") or platform.processor()
   if "cpu family" in info:  # "AMD EPYC" here has run a 2048^2 matmul at 477 GFLOP/s on
-    # some days and 175-210 on others (family 25, model 17: Zen 4, whose AVX-512 runs in
-    # 256-bit halves): the name alone does not say which machine the figures are from
+    # some days and 175-216 on others (on one of them family 25, model 17: Zen 4, whose
+    # AVX-512 runs in 256-bit halves): the name alone does not say which CPU it was
     cpu += f" (family {info['cpu family']}, model {info.get('model')})"
   import jax
 
