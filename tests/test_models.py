@@ -179,11 +179,18 @@ def test_sincos2d_positions_encode_row_and_column():
 @pytest.mark.parametrize("padding", ["VALID", "SAME"])
 @pytest.mark.parametrize("kernel_size", [1, 3, 5])
 @pytest.mark.parametrize("strides", [1, 2])
-def test_conv_is_flax_conv_with_its_parameters_and_gradients(padding, kernel_size, strides):
+@pytest.mark.parametrize("channels", [3, 1])
+def test_conv_is_flax_conv_with_its_parameters_and_gradients(
+  padding, kernel_size, strides, channels
+):
   conv = layers.conv(6, kernel_size, padding, "float32", strides=strides)
   flax_conv = nn.Conv(6, (kernel_size, kernel_size), strides, padding)
-  x = jax.random.normal(jax.random.key(0), (2, 9, 11, 3))
+  x = jax.random.normal(jax.random.key(0), (2, 9, 11, channels))
   params = nn.meta.unbox(conv.init(jax.random.key(1), x))
+  # One input channel on the CPU: patches @ kernel (layers.conv_as_matmul), no convolution.
+  as_matmul = channels in layers.PATCH_CONV_IN_FEATURES.get(jax.default_backend(), ())
+  assert as_matmul == (jax.default_backend() == "cpu" and channels == 1)
+  assert ("conv_general_dilated" in str(jax.make_jaxpr(conv.apply)(params, x))) != as_matmul
   # Checkpoints of either load into the other: same names, shapes and dtypes.
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(
     jnp.shape, flax_conv.init(jax.random.key(1), x)

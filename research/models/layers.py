@@ -239,6 +239,46 @@ class Embed(nn.Embed):
     return take_rows(table_VxD, inputs, method)
 
 
+# backend -> input channel counts whose convolution Conv computes as patches @ kernel
+# (conv_as_matmul). On the CPU, one channel (a grayscale image's first layer): XLA's
+# convolution of a 1-channel input vectorises poorly, and its kernel gradient
+# transposes the output's gradient (B, H, W, F) to (H, W, B, F) first. Forward and
+# kernel gradient of a ReLU layer, batch 128, 2-core Zen 4: 28x28x1 -> 32, 3x3: 5.0 ->
+# 3.5 ms (forward alone 2.6 -> 1.9); -> 64: 7.9 -> 7.1; 5x5 SAME -> 6 (LeNet-5): 6.5 ->
+# 5.7. Three channels were mixed (32x32x3 -> 16: 8.3 -> 7.4; -> 64: 16.7 -> 19.8),
+# so they keep XLA's convolution.
+PATCH_CONV_IN_FEATURES = {"cpu": (1,)}
+
+
+def conv_as_matmul(x_BxHxWxC: jax.Array, kernel: jax.Array, strides: int, padding: str):
+  """lax.conv_general_dilated(x, kernel, (s, s), padding) in NHWC/HWIO as one matmul:
+  the k*k shifted (strided) views of x concatenated along the channels, in the
+  kernel's (kh, kw, c) order, times the kernel reshaped to (k*k*C, F). Its kernel
+  gradient is a matmul over the patches as they are laid out (no transposes); the
+  patches are k*k times the input, hence only for inputs with few channels."""
+  batch, height, width, channels = x_BxHxWxC.shape
+  k, _, _, features = kernel.shape
+  if padding == "SAME":  # TensorFlow's: output ceil(input / stride), the odd pixel after
+    out_h, out_w = -(-height // strides), -(-width // strides)
+    pad_h = max((out_h - 1) * strides + k - height, 0)
+    pad_w = max((out_w - 1) * strides + k - width, 0)
+    x_BxHxWxC = jnp.pad(
+      x_BxHxWxC,
+      ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)),
+    )
+  else:
+    out_h, out_w = (height - k) // strides + 1, (width - k) // strides + 1
+  rows, cols = (out_h - 1) * strides + 1, (out_w - 1) * strides + 1
+  views = [
+    x_BxHxWxC[:, i : i + rows : strides, j : j + cols : strides, :]
+    for i in range(k)
+    for j in range(k)
+  ]
+  patches_NxP = jnp.concatenate(views, axis=-1).reshape(batch * out_h * out_w, k * k * channels)
+  y_NxF = patches_NxP @ kernel.reshape(k * k * channels, features)
+  return y_NxF.reshape(batch, out_h, out_w, features)
+
+
 class Conv(nn.Module):
   """NHWC convolution (XLA's, `lax.conv_general_dilated`); parameters laid out as
   nn.Conv's, so checkpoints load into either.
@@ -248,7 +288,8 @@ class Conv(nn.Module):
   On the CPU this is fast with XLA's own convolution kernels, which
   `research.runtime.CPU_FLAGS` selects over YNNPACK's (jaxlib 0.10's default for a
   forward convolution); with them it beats the im2col + matmul form this layer had
-  until session 16 (figures in research.runtime's docstring).
+  until session 16 (figures in research.runtime's docstring), except on a one-channel
+  input, which takes that form (conv_as_matmul; PATCH_CONV_IN_FEATURES).
   """
 
   features: int
@@ -280,10 +321,13 @@ class Conv(nn.Module):
         jnp.float32,
       )
     x_BxHxWxC, kernel, bias = nn.dtypes.promote_dtype(x_BxHxWxC, kernel, bias, dtype=self.dtype)
-    y_BxHxWxF = jax.lax.conv_general_dilated(
-      x_BxHxWxC, kernel, (self.strides, self.strides), self.padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )  # fmt: skip
+    if in_features in PATCH_CONV_IN_FEATURES.get(jax.default_backend(), ()):
+      y_BxHxWxF = conv_as_matmul(x_BxHxWxC, kernel, self.strides, self.padding)
+    else:
+      y_BxHxWxF = jax.lax.conv_general_dilated(
+        x_BxHxWxC, kernel, (self.strides, self.strides), self.padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      )  # fmt: skip
     if self.use_bias:
       y_BxHxWxF = y_BxHxWxF + bias
     return constrain(y_BxHxWxF, ("batch", None, None, "conv_out"))
