@@ -67,6 +67,25 @@ def test_dense_flattens_leading_axes_with_nn_denses_parameters_function_and_grad
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+  "spec, x_shape, kernel_shape, axes",
+  [("bld,dhk->blhk", (2, 5, 6), (6, 3, 4), 1), ("blhk,hkd->bld", (2, 5, 3, 4), (3, 4, 6), 2)],
+)
+def test_contract_is_the_einsum_with_its_gradients(spec, x_shape, kernel_shape, axes):
+  """layers.contract (the attention projections' flattened matmul) equals the einsum
+  it replaces, values and gradients for both arguments."""
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  kernel = jax.random.normal(jax.random.key(1), kernel_shape)
+  np.testing.assert_allclose(
+    layers.contract(x, kernel, axes), jnp.einsum(spec, x, kernel), rtol=1e-5, atol=1e-5
+  )
+  loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))  # noqa: E731
+  got = jax.grad(loss(lambda x, k: layers.contract(x, k, axes)), argnums=(0, 1))(x, kernel)
+  want = jax.grad(loss(lambda x, k: jnp.einsum(spec, x, k)), argnums=(0, 1))(x, kernel)
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_dropout_is_active_only_in_training():
   model = registry.models.get("cnn")(num_classes=10)
   x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))

@@ -16,6 +16,7 @@ stays unsharded where `batch` already uses `fsdp`.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -48,6 +49,18 @@ class Dense(nn.Dense):
   def __call__(self, inputs: jax.Array) -> jax.Array:
     y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
     return y.reshape(*inputs.shape[:-1], y.shape[-1])
+
+
+def contract(x: jax.Array, kernel: jax.Array, axes: int = 1) -> jax.Array:
+  """x's last `axes` axes contracted with kernel's first `axes`, as one 2-D matmul of
+  the flattened arrays (why: Dense): e.g. (B, L, D) x (D, H, K) -> (B, L, H, K), as
+  einsum("bld,dhk->blhk"), or (B, L, H, K) x (H, K, D) -> (B, L, D). The einsum's kernel
+  gradient copied x transposed, then transposed the (D, H, K) result; this one is a
+  single matmul. The Transformer LM's attention layer (8 x 256 x 768, 12 heads, 4 query
+  blocks) forward and backward 195.7 -> 184.1 ms on the CPU (median of 15 rounds)."""
+  lead, inner = x.shape[: x.ndim - axes], math.prod(x.shape[x.ndim - axes :])
+  y = x.reshape(-1, inner) @ kernel.reshape(inner, -1)
+  return y.reshape(*lead, *kernel.shape[axes:])
 
 
 def dense(features: int, axes: tuple[str, str], dtype, name: str | None = None):

@@ -129,7 +129,7 @@ class Attention(nn.Module):
 
     def project(name, source):
       kernel_DxHxK = self.param(name, _init(self.qkv_stddev, ("embed", "heads", "kv")), shape_DxHxK)
-      return jnp.einsum("bld,dhk->blhk", source, kernel_DxHxK.astype(self.dtype))
+      return layers.contract(source, kernel_DxHxK.astype(self.dtype))  # bld,dhk->blhk
 
     source = x_BxLxD if context_BxSxD is None else context_BxSxD
     q_BxLxHxK, k_BxSxHxK, v_BxSxHxK = (
@@ -191,7 +191,7 @@ class Attention(nn.Module):
       _init(self.out_stddev, ("heads", "kv", "embed")),
       (self.num_heads, self.head_dim, width),
     )
-    y_BxLxD = jnp.einsum("blhk,hkd->bld", y_BxLxHxK, out_HxKxD.astype(self.dtype))
+    y_BxLxD = layers.contract(y_BxLxHxK, out_HxKxD.astype(self.dtype), axes=2)  # blhk,hkd->bld
     return layers.constrain(y_BxLxD, ("batch", None, "embed"))
 
   def _fused(self, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, train, width):
