@@ -306,12 +306,24 @@ def speed_row(family: str, smoke: bool, windows: int) -> dict:
         family, config, hand.batches, compiled=mode == "compile", device=device
       )
       trainer.run(3)
-      torch_windows = [(window, trainer.run(window)) for _ in range(windows)]
+      # PyTorch's windows alternate with the hand loop's (t h t ... h t), as the
+      # framework's did: hand / PyTorch bracketed, times research.train / hand, is
+      # research.train / PyTorch with the machine's drift cancelled in both factors.
+      torch_windows, between = [(window, trainer.run(window))], []
+      for _ in range(windows):
+        between.append((window, hand.run(window)))
+        torch_windows.append((window, trainer.run(window)))
+      hand_over_torch, ratios = bracketed_ratio(
+        [n / t for n, t in between], [n / t for n, t in torch_windows]
+      )
       row[f"torch_{mode}_steps_per_sec"] = median_rate(torch_windows)
       row[f"torch_{mode}_setup_sec"] = trainer.setup_sec
-    row["vs_torch_eager"] = row["research_steps_per_sec"] / row["torch_eager_steps_per_sec"]
-    if "torch_compile_steps_per_sec" in row:
-      row["vs_torch_compile"] = row["research_steps_per_sec"] / row["torch_compile_steps_per_sec"]
+      row[f"hand_over_torch_{mode}"] = hand_over_torch
+      row[f"hand_over_torch_{mode}_window_ratios"] = ratios
+      row[f"vs_torch_{mode}"] = overhead * hand_over_torch
+      # The same from the medians of the separate blocks of windows (drift not cancelled).
+      rate = row[f"torch_{mode}_steps_per_sec"]
+      row[f"vs_torch_{mode}_medians"] = row["research_steps_per_sec"] / rate
   return row
 
 
@@ -892,7 +904,11 @@ def report(results: dict) -> str:
       "*mlp_host*: an MLP so small (one hidden layer of 8) that a step takes ~0.15 ms and "
       "the loops' own host time per step shows, as on a GPU for small models; "
       "*mlp_host_10*: the same with `config.steps_per_dispatch=10` (ten steps per jitted "
-      "call; the hand loop and PyTorch still take one).",
+      "call; the hand loop and PyTorch still take one). *vs eager*, *vs compile*: "
+      "research.train over the hand loop (its windows bracketed by the hand loop's) "
+      "times the hand loop over PyTorch (PyTorch's windows alternating with the hand "
+      "loop's): two side-by-side ratios, the machine's drift cancelled in each; the "
+      "steps/s columns are medians of windows taken minutes apart.",
       "",
       "| family | shape | XLA flags | research.train | hand JAX | ratio | torch eager "
       "| torch.compile | vs eager | vs compile | torch eager, default malloc | vs it |",

@@ -35,6 +35,12 @@ def test_smoke_run_writes_every_section(tmp_path, tfds_data_dir, mnist_raw_dir, 
     assert len(ratios) >= 1 and row["overhead_ratio"] == pytest.approx(np.median(ratios))
     if "torch_eager_steps_per_sec" in row:  # with the bench extra
       assert row["torch_eager_default_malloc_steps_per_sec"] > 0
+      # research.train / PyTorch: the two bracketed ratios chained (hand windows
+      # between PyTorch's, one fewer)
+      between = row["hand_over_torch_eager_window_ratios"]
+      assert len(between) == len(ratios) and row["hand_over_torch_eager"] > 0
+      want = row["overhead_ratio"] * row["hand_over_torch_eager"]
+      assert row["vs_torch_eager"] == pytest.approx(want)
   assert 0 < results["mfu"]["mfu_6n"] < results["mfu"]["mfu_with_attention"] < 1
   for row in results["input"].values():
     assert 0 <= row["wait_fraction"] < 1 and row["loader_examples_per_sec"] > 0
