@@ -90,6 +90,22 @@ def test_global_norm_clipping():
   np.testing.assert_allclose(updates["w"], [-0.6, -0.8], rtol=1e-6)
 
 
+def test_train_steps_gradient_norm_is_optax_global_norm():
+  """step.global_norm (dot products, for XLA:CPU's speed) is optax.global_norm, and NaN
+  or Inf for any non-finite gradient (the train step's finiteness check reads it)."""
+  from research import step
+
+  tree = {
+    "kernel": jax.random.normal(jax.random.key(0), (3, 4, 5)),
+    "bias": jnp.arange(4.0),
+    "scalar": jnp.float32(-2.0),
+  }
+  np.testing.assert_allclose(step.global_norm(tree), optax.global_norm(tree), rtol=1e-6)
+  assert float(step.global_norm({})) == 0.0
+  for bad in (jnp.inf, -jnp.inf, jnp.nan, 3e20):  # 3e20 squared overflows float32
+    assert not np.isfinite(float(step.global_norm({**tree, "bias": tree["bias"].at[1].set(bad)})))
+
+
 def test_l1_l2_penalty_counts_only_decayed_weights():
   params = _params()  # kernel: 6 ones; bias and norm scale excluded
   assert float(optim.penalty(params, l1=0.0, l2=0.0)) == 0.0
