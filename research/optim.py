@@ -26,6 +26,37 @@ COMMON_KEYS = (
 )  # fmt: skip
 
 
+def global_norm(tree) -> jax.Array:
+  """optax.global_norm (the square root of the sum of all squared entries, in float32)
+  with each leaf's sum of squares a dot product of the leaf with itself over all its
+  axes: a dot reads the array once, where XLA:CPU's own reduction (the LM's XLA flags
+  leave reductions to it) wrote the squares out and summed them in two more passes.
+  The benchmark LM's 28.6M gradients: 18.2 -> 10.2 ms on 2 cores; under the other
+  models' flags (YNNPACK's reductions) 3.2 ms either way. Elsewhere optax's own (not
+  measured on accelerators, whose reductions fuse the squares). The train step's
+  metric and finiteness check and clip_by_global_norm both use it, so that a clipped
+  step computes the norm once (XLA merges the two identical computations)."""
+  if jax.default_backend() != "cpu":
+    return optax.global_norm(tree)
+  squares = [
+    jnp.tensordot(x, x, x.ndim, preferred_element_type=jnp.float32) for x in jax.tree.leaves(tree)
+  ]
+  return jnp.sqrt(sum(squares, jnp.zeros((), jnp.float32)))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm (the same updates and empty state) with global_norm:
+  updates scaled by max_norm / norm when the norm reaches max_norm."""
+
+  def update(updates, state, params=None):
+    del params
+    norm = global_norm(updates)
+    clip = lambda t: jax.lax.select(norm < max_norm, t, (t / norm.astype(t.dtype)) * max_norm)  # noqa: E731
+    return jax.tree.map(clip, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 class ParamsEMAState(NamedTuple):
   ema: Any  # a tree like the parameters
 
@@ -218,7 +249,7 @@ def make_optimizer(optimizer_config, schedule_config, total_steps: int, labels=N
     }
     tx = optax.multi_transform(transforms, labels)
   if optimizer_config.grad_clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(optimizer_config.grad_clip_norm), tx)
+    tx = optax.chain(clip_by_global_norm(optimizer_config.grad_clip_norm), tx)
   if optimizer_config.get("ema_decay", 0.0):
     tx = optax.chain(tx, params_ema(optimizer_config.ema_decay))
   return tx, schedule

@@ -79,22 +79,6 @@ def init_state(
   )
 
 
-def global_norm(tree) -> jax.Array:
-  """optax.global_norm (the square root of the sum of all squared entries, in float32)
-  with each leaf's sum of squares a dot product of the leaf with itself over all its
-  axes: a dot reads the array once, where XLA:CPU's own reduction (the LM's XLA flags
-  leave reductions to it) wrote the squares out and summed them in two more passes.
-  The benchmark LM's 28.6M gradients: 18.2 -> 10.2 ms on 2 cores; under the other
-  models' flags (YNNPACK's reductions) 3.2 ms either way. Elsewhere optax's own (not
-  measured on accelerators, whose reductions fuse the squares)."""
-  if jax.default_backend() != "cpu":
-    return optax.global_norm(tree)
-  squares = [
-    jnp.tensordot(x, x, x.ndim, preferred_element_type=jnp.float32) for x in jax.tree.leaves(tree)
-  ]
-  return jnp.sqrt(sum(squares, jnp.zeros((), jnp.float32)))
-
-
 # The train step's metrics (research.train sums them over each log interval).
 TRAIN_METRICS = ("nonfinite", "loss", "total_loss", "accuracy", "grad_norm", "learning_rate")
 
@@ -174,7 +158,7 @@ def make_train_step(
     (total, (data_loss, accuracy, model_state)), grads = step_fn(*args)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = global_norm(grads)
+    grad_norm = optim.global_norm(grads)  # the clipper's too: XLA computes it once
     # NaN/Inf in any gradient makes the norm NaN/Inf: one pass over the gradients
     # for both (a finite gradient whose square overflows float32 counts as Inf).
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)

@@ -90,20 +90,25 @@ def test_global_norm_clipping():
   np.testing.assert_allclose(updates["w"], [-0.6, -0.8], rtol=1e-6)
 
 
-def test_train_steps_gradient_norm_is_optax_global_norm():
-  """step.global_norm (dot products, for XLA:CPU's speed) is optax.global_norm, and NaN
-  or Inf for any non-finite gradient (the train step's finiteness check reads it)."""
-  from research import step
-
+def test_gradient_norm_and_its_clipping_are_optaxs():
+  """optim.global_norm (dot products, for XLA:CPU's speed) is optax.global_norm, and NaN
+  or Inf for any non-finite gradient (the train step's finiteness check reads it); the
+  clipping built on it is optax.clip_by_global_norm, below and above the bound."""
   tree = {
     "kernel": jax.random.normal(jax.random.key(0), (3, 4, 5)),
     "bias": jnp.arange(4.0),
     "scalar": jnp.float32(-2.0),
   }
-  np.testing.assert_allclose(step.global_norm(tree), optax.global_norm(tree), rtol=1e-6)
-  assert float(step.global_norm({})) == 0.0
+  np.testing.assert_allclose(optim.global_norm(tree), optax.global_norm(tree), rtol=1e-6)
+  assert float(optim.global_norm({})) == 0.0
   for bad in (jnp.inf, -jnp.inf, jnp.nan, 3e20):  # 3e20 squared overflows float32
-    assert not np.isfinite(float(step.global_norm({**tree, "bias": tree["bias"].at[1].set(bad)})))
+    assert not np.isfinite(float(optim.global_norm({**tree, "bias": tree["bias"].at[1].set(bad)})))
+  for max_norm in (0.5, 100.0):
+    ours, theirs = optim.clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+    assert jax.tree.structure(ours.init(tree)) == jax.tree.structure(theirs.init(tree))
+    got, want = ours.update(tree, ours.init(tree))[0], theirs.update(tree, theirs.init(tree))[0]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 def test_l1_l2_penalty_counts_only_decayed_weights():
