@@ -271,16 +271,9 @@ def conv_as_matmul(x_BxHxWxC: jax.Array, kernel: jax.Array, strides: int, paddin
   patches are k*k times the input, hence only for inputs with few channels."""
   batch, height, width, channels = x_BxHxWxC.shape
   k, _, _, features = kernel.shape
-  if padding == "SAME":  # TensorFlow's: output ceil(input / stride), the odd pixel after
-    out_h, out_w = -(-height // strides), -(-width // strides)
-    pad_h = max((out_h - 1) * strides + k - height, 0)
-    pad_w = max((out_w - 1) * strides + k - width, 0)
-    x_BxHxWxC = jnp.pad(
-      x_BxHxWxC,
-      ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)),
-    )
-  else:
-    out_h, out_w = (height - k) // strides + 1, (width - k) // strides + 1
+  pads = jax.lax.padtype_to_pads((height, width), (k, k), (strides, strides), padding)
+  x_BxHxWxC = jnp.pad(x_BxHxWxC, ((0, 0), *pads, (0, 0)))
+  out_h, out_w = ((size - k) // strides + 1 for size in x_BxHxWxC.shape[1:3])
   rows, cols = (out_h - 1) * strides + 1, (out_w - 1) * strides + 1
   views = [
     x_BxHxWxC[:, i : i + rows : strides, j : j + cols : strides, :]
