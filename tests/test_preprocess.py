@@ -34,6 +34,14 @@ def test_pad_then_crop_gives_shifted_windows_of_the_original():
   assert len(shifts) > 1  # not one fixed window
 
 
+@pytest.mark.parametrize("mode", ["constant", "reflect", "edge"])
+def test_pad_is_numpys_pad(mode):
+  x = images(batch=3, channels=3)
+  want = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)), mode=mode)
+  out = preprocess.Pipeline(f"pad(2, {mode!r})")(x)
+  assert out.dtype == np.uint8 and (out == want).all()
+
+
 def test_flip_flips_some_images_and_keeps_the_others():
   x = images(batch=32)
   out = preprocess.Pipeline("flip_lr")(x, draws(batch=32))
