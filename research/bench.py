@@ -15,7 +15,7 @@ at most, on the same data: this machine is shared and noisy):
   matmul measured in the same run.
 - input: the loader's examples/s against the train step's, and the share of
   training time spent waiting for data (steps/s with the loader against the
-  same step fed one batch already on the device).
+  same step fed one batch already on the device, taking turns in 0.1 s windows).
 - checkpoint: how long an asynchronous save blocks the train loop, and restore
   time, by state size.
 - startup: compile time and the second start of the same run with the
@@ -394,78 +394,116 @@ def section_mfu(smoke: bool, windows: int, speed: dict | None) -> dict:
   }
 
 
-def section_input(families, smoke: bool, windows: int) -> dict:
-  """(d) loader throughput, and training time spent waiting for data: research.train's
-  step fed by parallel.BatchFeeder against the same step on one fixed batch already on
-  the device, in both of the feeder's forms (from the host; the dataset held on the
-  device, where the dataset allows it); the config picks one."""
+INPUT_SECONDS_PER_WINDOW = 6  # the input rows' timed seconds per family, per --windows
+INPUT_WINDOW_SEC = 0.1  # the forms alternate in windows of about this length
+
+
+def input_row(family: str, smoke: bool, windows: int) -> dict:
+  """(d) for one family, in this process: research.train's step fed by
+  parallel.BatchFeeder against the same step on one fixed batch already on the device,
+  in both of the feeder's forms (from the host; the dataset held on the device, where
+  the dataset allows it); the config picks one.
+
+  The forms take turns in windows of ~0.1 s (one CNN step), for ~6 s x `windows` in
+  all: the shared machine's speed drifts over seconds, so each form's windows sit
+  between the others' and the drift cancels in the ratio of their summed times (the
+  earlier form, medians of 1 s windows bracketed by fixed ones, had a spread of +-5%
+  per window and could not resolve 1%). As in research.train's loop, each step's batch
+  is made while the step before it runs."""
   import jax
 
   from research import parallel, train
 
+  prepared = FrameworkStep.build(family, smoke)
+  config, loader, exp = prepared.config, prepared.loader, prepared.exp
+  used = parallel.BatchFeeder(loader, exp.batch_sharding, config.data.device_resident_mb)
+  forms = {"fixed": (prepared.step, lambda step: (prepared.batch,))}
+  for name, megabytes in (("host", 0), ("resident", 2**20)):
+    feeder = parallel.BatchFeeder(loader, exp.batch_sharding, megabytes)
+    if name == "host" or feeder.device_resident:  # not with per-batch augmentation
+      forms[name] = (train.jit_train_step(exp, feeder), feeder)
+  state, count = prepared.state, 0  # count = state.step: the resident form gathers by it
+
+  def run(name: str, steps: int) -> float:  # untimed warm-up and step-time probe
+    nonlocal state, count
+    step_fn, source = forms[name]
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = step_fn(state, *source(count))
+      count += 1
+    jax.block_until_ready(metrics)
+    return time.perf_counter() - t0
+
+  for name in forms:
+    run(name, 2)  # compile
+  step_sec = run("fixed", 3) / 3
+  window = 1 if smoke else max(1, round(INPUT_WINDOW_SEC / step_sec))
+  budget = INPUT_SECONDS_PER_WINDOW * windows
+  rounds = 2 if smoke else max(windows, math.ceil(budget / (len(forms) * window * step_sec)))
+  schedule = [name for _ in range(rounds) for name in forms]
+  planned = {name: [] for name in forms}  # the step numbers each form will run, in order
+  for i, name in enumerate(schedule):
+    planned[name].extend(range(count + i * window, count + (i + 1) * window))
+  upcoming = {name: iter(steps) for name, steps in planned.items()}
+
+  def feed(name: str):
+    step = next(upcoming[name], None)
+    return None if step is None else forms[name][1](step)
+
+  pending = {name: feed(name) for name in forms}
+  seconds = {name: [] for name in forms}
+  for name in schedule:
+    step_fn = forms[name][0]
+    t0 = time.perf_counter()
+    for _ in range(window):
+      state, metrics = step_fn(state, *pending[name])
+      pending[name] = feed(name)  # the next batch of this form, while this step runs
+    jax.block_until_ready(metrics)
+    seconds[name].append(time.perf_counter() - t0)
+  # fed steps/s over fixed steps/s (the same number of steps), overall and in 5 blocks
+  # of consecutive rounds (the spread shows the measure's noise)
+  blocks = [range(i * rounds // 5, (i + 1) * rounds // 5) for i in range(5)] if rounds >= 5 else []
+  ratios, block_ratios = {}, {}
+  for name in forms:
+    if name != "fixed":
+      ratios[name] = sum(seconds["fixed"]) / sum(seconds[name])
+      block_ratios[name] = [
+        sum(seconds["fixed"][i] for i in b) / sum(seconds[name][i] for i in b) for b in blocks
+      ]
+  t0, n = time.perf_counter(), 0
+  while time.perf_counter() - t0 < (0.2 if smoke else 2.0):
+    loader(10_000 + n)
+    n += 1
+  loader_sec = (time.perf_counter() - t0) / n
+  fixed_rate = window * rounds / sum(seconds["fixed"])
+  wait = {n: max(0.0, 1.0 - ratios[n]) if n in ratios else None for n in ("host", "resident")}
+  chosen = "resident" if used.device_resident else "host"
+  return {
+    "shape": describe(config),
+    "pp_train": config.data.pp_train,
+    "device_resident": used.device_resident,
+    "window_steps": window,
+    "rounds": rounds,
+    "loader_examples_per_sec": config.global_batch_size / loader_sec,
+    "loader_share_of_step": loader_sec * fixed_rate,  # the loader's time per batch / a step's
+    "step_examples_per_sec": fixed_rate * config.global_batch_size,
+    "train_examples_per_sec": fixed_rate * ratios[chosen] * config.global_batch_size,
+    "wait_fraction": wait[chosen],
+    "host_wait_fraction": wait["host"],
+    "resident_wait_fraction": wait["resident"],
+    "rate_over_fixed": ratios,
+    "block_rate_over_fixed": block_ratios,
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+
+
+def section_input(families, smoke: bool, windows: int) -> dict:
+  """(d) loader throughput, and training time spent waiting for data (input_row), each
+  family in a fresh process with the XLA flags research.train gives its model."""
   rows = {}
   for family in families:
-    prepared = FrameworkStep.build(family, smoke)
-    config, window, loader, fixed = (
-      prepared.config, prepared.window, prepared.loader, prepared.batch
-    )  # fmt: skip
-    sharding = prepared.exp.batch_sharding
-    feeder = parallel.BatchFeeder(loader, sharding, config.data.device_resident_mb)
-    fed = {"fixed": (prepared.step, lambda step: (fixed,))}
-    for name, megabytes in (("host", 0), ("resident", 2**20)):
-      form = parallel.BatchFeeder(loader, sharding, megabytes)
-      if name == "host" or form.device_resident:  # not with per-batch augmentation
-        fed[name] = (train.jit_train_step(prepared.exp, form), form)
-    count = 0
-
-    def run(step_fn, source, steps) -> float:
-      nonlocal count
-      t0 = time.perf_counter()
-      for _ in range(steps):
-        prepared.state, metrics = step_fn(prepared.state, *source(count))
-        count += 1
-      jax.block_until_ready(metrics)
-      return time.perf_counter() - t0
-
-    for step_fn, source in fed.values():
-      run(step_fn, source, window)  # compile
-    if not smoke:  # windows of >= 1 s: millisecond steps are noisy on a shared CPU
-      window = max(window, math.ceil(window / run(*fed["fixed"], window)))
-    # Fixed-batch windows bracket each round of fed windows (F H R F H R ... F); a fed
-    # window's rate is compared with the mean of the fixed rates either side of it, and
-    # the median of those ratios is the one reported: a drift in the shared machine's
-    # speed over a round cancels.
-    fixed_rates = [window / run(*fed["fixed"], window)]
-    fed_rates = {name: [] for name in fed if name != "fixed"}
-    for _ in range(windows):
-      for name in fed_rates:
-        fed_rates[name].append(window / run(*fed[name], window))
-      fixed_rates.append(window / run(*fed["fixed"], window))
-    ratios = {name: bracketed_ratio(rates, fixed_rates)[1] for name, rates in fed_rates.items()}
-    t0, n = time.perf_counter(), 0
-    while time.perf_counter() - t0 < (0.2 if smoke else 2.0):
-      loader(10_000 + n)
-      n += 1
-    loader_rate = n * config.global_batch_size / (time.perf_counter() - t0)
-    fixed_rate = statistics.median(fixed_rates)
-    ratio = {name: statistics.median(values) for name, values in ratios.items()}
-    wait = {
-      name: max(0.0, 1.0 - ratio[name]) if name in ratio else None for name in ("host", "resident")
-    }
-    used = "resident" if feeder.device_resident else "host"
-    rows[family] = {
-      "shape": describe(config),
-      "pp_train": config.data.pp_train,
-      "device_resident": feeder.device_resident,
-      "window_steps": window,
-      "loader_examples_per_sec": loader_rate,
-      "step_examples_per_sec": fixed_rate * config.global_batch_size,
-      "train_examples_per_sec": fixed_rate * ratio[used] * config.global_batch_size,
-      "wait_fraction": wait[used],
-      "host_wait_fraction": wait["host"],
-      "resident_wait_fraction": wait["resident"],
-      "window_rate_over_fixed": ratios,
-    }
+    call = f"input_row({family!r}, {smoke!r}, {windows!r})"
+    rows[family] = in_fresh_process(call, train_env(family, smoke))
     logging.info("input %s: %s", family, rows[family])
   return rows
 
@@ -948,29 +986,35 @@ def report(results: dict) -> str:
       "## Input pipeline",
       "",
       f"Goal: {GOALS['input']}. Waiting = 1 - (steps/s with the batches research.train "
-      "feeds) / (steps/s fed one batch already on the device), the median over windows of "
-      "each fed window's rate over the mean of the fixed-batch windows either side of it. "
-      "`parallel.BatchFeeder` "
-      "holds an in-memory dataset without per-batch augmentation on the device and the "
-      "step gathers its batch there (up to `config.data.device_resident_mb`); otherwise "
-      "each step's rows come from the host. Both forms are timed; **waiting** is the one "
-      "research.train uses.",
+      "feeds) / (steps/s fed one batch already on the device): the same step, the forms "
+      "taking turns in windows of ~0.1 s over ~30 s (their summed times compared; the "
+      "range is the waiting, signed, in five blocks of consecutive rounds: the measure's "
+      "noise). `parallel.BatchFeeder` holds an in-memory dataset without per-batch "
+      "augmentation on the device and the step gathers its batch there (up to "
+      "`config.data.device_resident_mb`); otherwise each step's rows come from the host, "
+      "made while the step before runs. Both forms are timed; **waiting** is the one "
+      "research.train uses. *Loader / step*: the loader's time per batch over a step's, "
+      "what feeding could cost if nothing overlapped.",
       "",
-      "| family | pp_train | loader examples/s | step examples/s "
-      "| trained examples/s | data on the device | **waiting** | from the host "
-      "| held on the device |",
-      "|---|---|---|---|---|---|---|---|---|",
+      "| family | pp_train | loader examples/s | step examples/s | loader / step "
+      "| trained examples/s | data on the device | **waiting** | in five blocks "
+      "| from the host | held on the device |",
+      "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     percent = lambda x: "-" if x is None else f"{100 * x:.2f}%"  # noqa: E731
     for family, r in data.items():
       host = r.get("host_wait_fraction", None if r.get("device_resident") else r["wait_fraction"])
       pp = (r["pp_train"] or "-").replace("|", "\\|")  # a table cell
+      used = "resident" if r["device_resident"] else "host"
+      blocks = [1 - x for x in r.get("block_rate_over_fixed", {}).get(used, [])]  # signed
+      spread = f"{percent(min(blocks))} to {percent(max(blocks))}" if blocks else "-"
+      share = r.get("loader_share_of_step")
       lines.append(
         f"| {family} | `{pp}` "
-        f"| {r['loader_examples_per_sec']:.0f} "
-        f"| {r['step_examples_per_sec']:.0f} | {r['train_examples_per_sec']:.0f} "
+        f"| {r['loader_examples_per_sec']:.0f} | {r['step_examples_per_sec']:.0f} "
+        f"| {percent(share)} | {r['train_examples_per_sec']:.0f} "
         f"| {'yes' if r['device_resident'] else 'no'} "
-        f"| **{percent(r['wait_fraction'])}** | {percent(host)} "
+        f"| **{percent(r['wait_fraction'])}** | {spread} | {percent(host)} "
         f"| {percent(r.get('resident_wait_fraction'))} |"
       )
     lines.append("")

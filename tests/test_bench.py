@@ -42,8 +42,10 @@ def test_smoke_run_writes_every_section(tmp_path, tfds_data_dir, mnist_raw_dir, 
       want = row["overhead_ratio"] * row["hand_over_torch_eager"]
       assert row["vs_torch_eager"] == pytest.approx(want)
   assert 0 < results["mfu"]["mfu_6n"] < results["mfu"]["mfu_with_attention"] < 1
-  for row in results["input"].values():
+  for family, row in results["input"].items():  # each in a process with train's flags
     assert 0 <= row["wait_fraction"] < 1 and row["loader_examples_per_sec"] > 0
+    assert row["loader_share_of_step"] > 0 and row["rate_over_fixed"]["host"] > 0
+    assert row["xla_flags"] == bench.train_env(family, smoke=True)["XLA_FLAGS"]
   for row in results["checkpoint"].values():
     assert 0 < row["blocked_sec"] <= row["save_total_sec"] and row["restore_sec"] > 0
   mesh = results["checkpoint_mesh"]  # 8 CPU devices, both array handlers
