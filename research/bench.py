@@ -224,12 +224,17 @@ def bracketed_windows(config, window: int, windows: int, workdir: Path, hand: Ha
 
 
 def bracketed_ratio(rates: list[float], neighbours: list[float]) -> tuple[float, list[float]]:
-  """Median over windows of each window's rate over the mean rate of the two windows of
-  the other kind either side of it (neighbours has one more; a drift of the shared
-  machine's speed cancels), and the per-window ratios."""
-  pairs = zip(rates, neighbours[:-1], neighbours[1:], strict=True)
+  """Steps/s of one kind of window over the other's, windows of equal steps alternating
+  (neighbours has one more: n r n r ... n): each window's time against the mean time of
+  the two windows either side of it, summed over the windows (a steady drift of the
+  shared machine's speed cancels; the sums weigh every step alike, where a median of
+  five windows moved with one of them); and each window's own ratio, whose spread is the
+  measure's noise."""
+  pairs = list(zip(rates, neighbours[:-1], neighbours[1:], strict=True))
   ratios = [r / ((a + b) / 2) for r, a, b in pairs]
-  return statistics.median(ratios), ratios
+  own = sum(1 / r for r, _, _ in pairs)
+  bracketing = sum((1 / a + 1 / b) / 2 for _, a, b in pairs)
+  return bracketing / own, ratios
 
 
 @dataclasses.dataclass
@@ -297,6 +302,10 @@ def speed_row(family: str, smoke: bool, windows: int) -> dict:
   if torch_models.available():
     import jax
 
+    step_sec = 1 / row["hand_jax_steps_per_sec"]
+    compared = window if smoke else max(1, math.ceil(1.0 / step_sec))  # hand vs PyTorch
+    row["torch_window_steps"] = compared
+
     device = "cuda" if jax.default_backend() == "gpu" else "cpu"
     row["torch_device"] = device
     for mode in ("eager", "compile"):
@@ -309,10 +318,13 @@ def speed_row(family: str, smoke: bool, windows: int) -> dict:
       # PyTorch's windows alternate with the hand loop's (t h t ... h t), as the
       # framework's did: hand / PyTorch bracketed, times research.train / hand, is
       # research.train / PyTorch with the machine's drift cancelled in both factors.
-      torch_windows, between = [(window, trainer.run(window))], []
-      for _ in range(windows):
-        between.append((window, hand.run(window)))
-        torch_windows.append((window, trainer.run(window)))
+      # Windows of ~1 s (one LM step), three times as many for eager, the goal's: one
+      # window's ratio spreads +-5% on this shared machine.
+      rounds = windows * (3 if mode == "eager" and not smoke else 1)
+      torch_windows, between = [(compared, trainer.run(compared))], []
+      for _ in range(rounds):
+        between.append((compared, hand.run(compared)))
+        torch_windows.append((compared, trainer.run(compared)))
       hand_over_torch, ratios = bracketed_ratio(
         [n / t for n, t in between], [n / t for n, t in torch_windows]
       )
@@ -932,7 +944,7 @@ def report(results: dict) -> str:
   speed = results.get("speed")
   if speed:
     lines += [
-      "## Speed: research.train vs hand-written JAX vs PyTorch (steps/s, median window)",
+      "## Speed: research.train vs hand-written JAX vs PyTorch (steps/s: median window)",
       "",
       f"Goals: {GOALS['overhead']}; {GOALS['pytorch']}.",
       "",
@@ -944,9 +956,10 @@ def report(results: dict) -> str:
       "*mlp_host_10*: the same with `config.steps_per_dispatch=10` (ten steps per jitted "
       "call; the hand loop and PyTorch still take one). *vs eager*, *vs compile*: "
       "research.train over the hand loop (its windows bracketed by the hand loop's) "
-      "times the hand loop over PyTorch (PyTorch's windows alternating with the hand "
-      "loop's): two side-by-side ratios, the machine's drift cancelled in each; the "
-      "steps/s columns are medians of windows taken minutes apart.",
+      "times the hand loop over PyTorch (PyTorch's windows of ~1 s alternating with the "
+      "hand loop's, 15 of each for eager): two side-by-side ratios of summed window "
+      "times, the machine's drift cancelled in each; the steps/s columns are medians of "
+      "windows taken minutes apart.",
       "",
       "| family | shape | XLA flags | research.train | hand JAX | ratio | torch eager "
       "| torch.compile | vs eager | vs compile | torch eager, default malloc | vs it |",

@@ -32,7 +32,7 @@ def test_smoke_run_writes_every_section(tmp_path, tfds_data_dir, mnist_raw_dir, 
     row = results["speed"][family]
     assert row["research_steps_per_sec"] > 0 and row["hand_jax_steps_per_sec"] > 0
     ratios = row["overhead_window_ratios"]  # each framework window between two hand ones
-    assert len(ratios) >= 1 and row["overhead_ratio"] == pytest.approx(np.median(ratios))
+    assert len(ratios) >= 1 and min(ratios) <= row["overhead_ratio"] <= max(ratios)
     if "torch_eager_steps_per_sec" in row:  # with the bench extra
       assert row["torch_eager_default_malloc_steps_per_sec"] > 0
       # research.train / PyTorch: the two bracketed ratios chained (hand windows
@@ -71,6 +71,9 @@ def test_bracketed_ratio_cancels_a_steady_drift():
   ratio, ratios = bench.bracketed_ratio(framework, hand)
   assert len(ratios) == 3 and ratio == pytest.approx(1.0, abs=0.01)
   assert bench.bracketed_ratio([50.0], [100.0, 100.0])[0] == 0.5
+  # summed times: a window half as fast weighs as two (the median of ratios would be 1)
+  ratio, ratios = bench.bracketed_ratio([100.0, 50.0, 100.0], [100.0] * 4)
+  assert ratios == [1.0, 0.5, 1.0] and ratio == pytest.approx(3 / 4)
   with pytest.raises(ValueError):
     bench.bracketed_ratio([1.0, 1.0], [1.0, 1.0])  # needs one more neighbour than windows
 
