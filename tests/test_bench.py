@@ -262,10 +262,15 @@ def test_compilation_cache_writes_programs_to_its_directory(tmp_path):
 def test_reshape_max_pool_matches_flax():
   x = jax.random.normal(jax.random.key(0), (4, 9, 8, 3))  # odd height: last row dropped
   np.testing.assert_array_equal(layers.max_pool_2x2(x), nn.max_pool(x, (2, 2), (2, 2)))
-  grad = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) ** 2))(x)  # no ties in normal draws
-  np.testing.assert_allclose(
-    grad(layers.max_pool_2x2), grad(lambda x: nn.max_pool(x, (2, 2), (2, 2))), rtol=1e-6
-  )
+  # ties in every window's order: zeros (ReLU), one tied pair, and all four equal
+  tied = jnp.round(jax.nn.relu(x) * 2) / 2
+  tied = tied.at[:, 0:2, 0:2].set(1.0).at[:, 2, 2:4].set(3.0)
+  dy = jax.random.normal(jax.random.key(1), (4, 4, 4, 3))
+  for inputs in (x, tied):
+    grad = lambda pool, inputs=inputs: jax.grad(lambda x: jnp.sum(pool(x) * dy))(inputs)
+    np.testing.assert_array_equal(
+      grad(layers.max_pool_2x2), grad(lambda x: nn.max_pool(x, (2, 2), (2, 2)))
+    )
 
 
 @pytest.mark.parametrize("family", ["mlp", "cnn", "lm"])

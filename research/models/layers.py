@@ -356,16 +356,55 @@ def flatten(x: jax.Array) -> jax.Array:
 
 def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
   """nn.max_pool(x, (2, 2), (2, 2)) (VALID: an odd last row or column is dropped) as a
-  reshape and a max.
+  reshape and a max, with nn.max_pool's gradient: each window's gradient goes to its
+  first maximum in row-major order, as XLA's select-and-scatter gives it.
 
-  Same forward values. The gradient differs from XLA's select-and-scatter only
-  where a window holds tied maxima (it is split among them rather than given to
-  one), e.g. a window of four ReLU zeros, whose gradient the ReLU then zeroes.
-  Why: on the CPU, select-and-scatter (the backward of reduce_window max) took
-  ~30% of the MNIST CNN's train step; this backward is elementwise (measured by
-  research.bench: 80 ms -> 9 ms for a 128x24x24x64 input on 2 cores).
+  Why: on the CPU, select-and-scatter (the backward of reduce_window max) took ~30% of
+  the MNIST CNN's train step; this backward is elementwise (80 ms -> 9 ms for a
+  128x24x24x64 input on 2 cores). The reshape's own autodiff backward split a tied
+  gradient among the maxima: it counted them (a reduction) and divided, and XLA:CPU ran
+  that count as a YNNPACK reduction fed a materialised broadcast of the next dropout's
+  scale. ReLU, this pool and dropout, forward and backward on that input: 11.6-15.4 ->
+  5.9-7.9 ms; in the bench CNN's ~85 ms step ~1-2 ms of per-thread op time, less than
+  alternating runs of the step resolve.
   """
   batch, height, width, channels = x_BxHxWxC.shape
   h2, w2 = height // 2, width // 2
-  x = x_BxHxWxC[:, : 2 * h2, : 2 * w2, :]
-  return x.reshape(batch, h2, 2, w2, 2, channels).max(axis=(2, 4))
+  return _max_pool_2x2(x_BxHxWxC[:, : 2 * h2, : 2 * w2, :])
+
+
+def _windows(x_BxHxWxC: jax.Array) -> jax.Array:
+  batch, height, width, channels = x_BxHxWxC.shape
+  return x_BxHxWxC.reshape(batch, height // 2, 2, width // 2, 2, channels)
+
+
+@jax.custom_vjp
+def _max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
+  return _windows(x_BxHxWxC).max(axis=(2, 4))
+
+
+def _max_pool_2x2_fwd(x_BxHxWxC):
+  y = _max_pool_2x2(x_BxHxWxC)
+  return y, (x_BxHxWxC, y)
+
+
+def _max_pool_2x2_bwd(residuals, dy_BxhxwxC):
+  """Elementwise: a window's four positions compared with its maximum, and the first
+  equal one (in row-major order) takes the gradient; one loop over the input."""
+  x_BxHxWxC, y_BxhxwxC = residuals
+  x = _windows(x_BxHxWxC)
+  top_left, top_right = x[:, :, 0, :, 0] == y_BxhxwxC, x[:, :, 0, :, 1] == y_BxhxwxC
+  bottom_left = x[:, :, 1, :, 0] == y_BxhxwxC
+  zero = jnp.zeros((), dy_BxhxwxC.dtype)
+  taken = [
+    top_left,
+    top_right & ~top_left,
+    bottom_left & ~(top_left | top_right),
+    ~(top_left | top_right | bottom_left),  # the last position is then the maximum
+  ]
+  parts = [jnp.where(first, dy_BxhxwxC, zero) for first in taken]
+  rows = [jnp.stack(parts[:2], axis=3), jnp.stack(parts[2:], axis=3)]  # (B, h, w, 2, C)
+  return (jnp.stack(rows, axis=2).reshape(x_BxHxWxC.shape),)  # (B, h, 2, w, 2, C)
+
+
+_max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
