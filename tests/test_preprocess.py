@@ -42,9 +42,11 @@ def test_pad_is_numpys_pad(mode):
   assert out.dtype == np.uint8 and (out == want).all()
 
 
-def test_flip_flips_some_images_and_keeps_the_others():
-  x = images(batch=32)
+@pytest.mark.parametrize("channels,dtype", [(1, np.uint8), (3, np.uint8), (3, np.float32)])
+def test_flip_flips_some_images_and_keeps_the_others(channels, dtype):
+  x = images(batch=32, channels=channels).astype(dtype)
   out = preprocess.Pipeline("flip_lr")(x, draws(batch=32))
+  assert out.shape == x.shape and out.dtype == x.dtype
   flipped = [(out[i] == x[i, :, ::-1]).all() for i in range(32)]
   kept = [(out[i] == x[i]).all() for i in range(32)]
   assert all(f or k for f, k in zip(flipped, kept, strict=True))

@@ -134,9 +134,14 @@ def random_crop(images_BxHxWxC, draws: Draws, height: int, width: int | None = N
 @_random
 def flip_lr(images_BxHxWxC, draws: Draws, probability: float = 0.5):
   flip = np.flatnonzero(draws.uniform(0, 1) < probability)
-  flipped = images_BxHxWxC.copy()
-  flipped[flip] = images_BxHxWxC[flip, :, ::-1]  # only the flipped rows are written twice
-  return flipped
+  images = np.ascontiguousarray(images_BxHxWxC)
+  b, h, w, c = images.shape
+  # Each pixel's C values as one opaque item: reversing the rows moves whole pixels
+  # (RGB uint8, 128 x 32 x 32: 419 -> 234 us; 128 x 224 x 224: 23.6 -> 14.0 ms).
+  pixels = images.view(np.dtype((np.void, c * images.itemsize))).reshape(b, h, w)
+  flipped = pixels.copy()
+  flipped[flip] = pixels[flip, :, ::-1]  # only the flipped rows are written twice
+  return flipped.view(images.dtype).reshape(images.shape)
 
 
 @ops.register("rotate_scale")
