@@ -488,7 +488,9 @@ def input_row(family: str, smoke: bool, windows: int) -> dict:
     n += 1
   loader_sec = (time.perf_counter() - t0) / n
   fixed_rate = window * rounds / sum(seconds["fixed"])
-  wait = {n: max(0.0, 1.0 - ratios[n]) if n in ratios else None for n in ("host", "resident")}
+  wait = {
+    form: max(0.0, 1.0 - ratios[form]) if form in ratios else None for form in ("host", "resident")
+  }
   chosen = "resident" if used.device_resident else "host"
   return {
     "shape": describe(config),
