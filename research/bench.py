@@ -231,10 +231,10 @@ def bracketed_ratio(rates: list[float], neighbours: list[float]) -> tuple[float,
   five windows moved with one of them); and each window's own ratio, whose spread is the
   measure's noise."""
   pairs = list(zip(rates, neighbours[:-1], neighbours[1:], strict=True))
-  ratios = [r / ((a + b) / 2) for r, a, b in pairs]
-  own = sum(1 / r for r, _, _ in pairs)
-  bracketing = sum((1 / a + 1 / b) / 2 for _, a, b in pairs)
-  return bracketing / own, ratios
+  own = [1 / r for r, _, _ in pairs]  # seconds per step
+  bracketing = [(1 / a + 1 / b) / 2 for _, a, b in pairs]
+  ratios = [m / t for m, t in zip(bracketing, own, strict=True)]  # their time-weighted mean:
+  return sum(bracketing) / sum(own), ratios
 
 
 @dataclasses.dataclass
