@@ -432,7 +432,7 @@ def input_row(family: str, smoke: bool, windows: int) -> dict:
   forms = {"fixed": (prepared.step, lambda step: (prepared.batch,))}
   for name, megabytes in (("host", 0), ("resident", 2**20)):
     feeder = parallel.BatchFeeder(loader, exp.batch_sharding, megabytes)
-    if name == "host" or feeder.device_resident:  # not with per-batch augmentation
+    if name == "host" or feeder.device_resident:  # not with host-only pp_train ops
       forms[name] = (train.jit_train_step(exp, feeder), feeder)
   state, count = prepared.state, 0  # count = state.step: the resident form gathers by it
 
@@ -1004,9 +1004,10 @@ def report(results: dict) -> str:
       "feeds) / (steps/s fed one batch already on the device): the same step, the forms "
       "taking turns in windows of ~0.1 s over ~30 s (their summed times compared; the "
       "range is the waiting, signed, in five blocks of consecutive rounds: the measure's "
-      "noise). `parallel.BatchFeeder` holds an in-memory dataset without per-batch "
-      "augmentation on the device and the step gathers its batch there (up to "
-      "`config.data.device_resident_mb`); otherwise each step's rows come from the host, "
+      "noise). `parallel.BatchFeeder` holds an in-memory dataset on the device and the step "
+      "gathers its batch there and applies pp_train's pad, crops and flips, from numbers "
+      "the host draws (up to `config.data.device_resident_mb`); otherwise each step's "
+      "rows come from the host, "
       "made while the step before runs. Both forms are timed; **waiting** is the one "
       "research.train uses. *Loader / step*: the loader's time per batch over a step's, "
       "what feeding could cost if nothing overlapped.",

@@ -49,9 +49,10 @@ def base() -> ml_collections.ConfigDict:
       pp_train="",
       pp_eval="",
       vocab_size=0,  # datasets that train a subword tokenizer (translation): its size
-      # In-memory training sets without pp_train up to this many MB are held whole on
-      # every device, and the jitted step gathers its batch there (parallel.BatchFeeder);
-      # 0: every step's rows are sent from the host.
+      # In-memory training sets up to this many MB, whose pp_train is empty or of ops
+      # with a device form (pad, central_crop, random_crop, flip_lr), are held whole on
+      # every device, and the jitted step gathers its batch and applies pp_train there
+      # (parallel.BatchFeeder); 0: every step's rows are sent from the host.
       device_resident_mb=256,
     )
   )

@@ -102,12 +102,15 @@ class BatchFeeder:
   `feeder.wrap(step_fn)` turns `step_fn(state, batch)` into `fn(state, *feeder(step))`,
   and `feeder.shardings` are the shardings of `feeder(step)`'s arguments:
 
-  - Held on the device: a step-indexed in-memory dataset (loader.StepLoader) with
-    no per-batch preprocessing and at most `device_resident_mb` of arrays is put
-    on every device once, with the example order of the epochs in use (the
-    loader's permutations, sent once per epoch). The jitted step computes its
-    batch's indices from `state.step` as the loader does and gathers the batch
-    itself (the same bytes as the loader's), so a step sends nothing.
+  - Held on the device: a step-indexed in-memory dataset (loader.StepLoader) of at
+    most `device_resident_mb` of arrays, whose pp_train ops all have a device form
+    (preprocess.DevicePipeline: pad, crops, flip_lr), is put on every device once,
+    with the example order of the epochs in use (the loader's permutations, sent
+    once per epoch). The jitted step computes its batch's indices from
+    `state.step` as the loader does, gathers the batch itself and applies the
+    pipeline to it (the same bytes as the loader's), so a step sends nothing but
+    the random ops' numbers (a few int32 values per example, drawn on the host as
+    the loader draws them).
   - Fed from the host: the loader's rows. On one process they go to the jitted
     step as numpy arrays (jit's own transfer costs less host time than
     `jax.device_put`); on several, `global_batch` assembles them.
@@ -116,22 +119,28 @@ class BatchFeeder:
   """
 
   def __init__(self, loader, sharding: NamedSharding, device_resident_mb: float):
+    from research.data import preprocess
     from research.data.loader import StepLoader
 
     self.loader, self.sharding = loader, sharding
     arrays = loader.arrays if isinstance(loader, StepLoader) else {}
     in_memory = all(isinstance(v, np.ndarray) for v in arrays.values())  # not lazy columns
     self.nbytes = sum(v.nbytes for v in arrays.values()) if in_memory else 0
+    pipeline = loader.pipeline if arrays else None
+    self.on_device = None  # the pipeline in the jitted step
+    if pipeline is not None and "inputs" in arrays:
+      self.on_device = preprocess.DevicePipeline.of(pipeline, arrays["inputs"].shape[1:])
     self.device_resident = (
       bool(arrays)
       and in_memory
-      and loader.pipeline is None
+      and (pipeline is None or self.on_device is not None)
       and 0 < self.nbytes <= device_resident_mb * 2**20
       # a batch spans at most two epochs; positions in an epoch fit int32
       and loader.global_batch_size <= loader.num_examples
       and loader.global_batch_size * loader.num_examples < 2**31
     )
     self.shardings = (sharding,)
+    self.numbers_per_step = False  # the random ops' numbers sent with each step
     self._gather = None  # batch()'s jitted gather, built on first use
     if self.device_resident:
       self.replicated = NamedSharding(sharding.mesh, PartitionSpec())
@@ -140,12 +149,14 @@ class BatchFeeder:
       self.row_shapes = {key: value.shape[1:] for key, value in arrays.items()}
       rows = {key: value.reshape(len(value), -1) for key, value in arrays.items()}
       self.arrays = jax.device_put(rows, self.replicated)
-      self.shardings = (self.replicated, self.replicated)
       self._orders = (None, None)  # (first epoch, its and the next epoch's order on device)
+      self.numbers_per_step = self.on_device is not None and self.on_device.random
+      self.shardings = (self.replicated,) * (3 if self.numbers_per_step else 2)
 
-  def gather(self, step, arrays, orders) -> dict[str, jax.Array]:
+  def gather(self, step, arrays, orders, numbers=None) -> dict[str, jax.Array]:
     """(Traced) the global batch of `step` from the arrays on the device: the indices
-    of loader.StepLoader.global_indices, computed in int32 without overflow."""
+    of loader.StepLoader.global_indices, computed in int32 without overflow, then
+    the pipeline with this step's numbers (`numbers`: those of the call's steps)."""
     import jax.numpy as jnp
 
     size, count = self.loader.global_batch_size, self.loader.num_examples
@@ -154,11 +165,14 @@ class BatchFeeder:
     epoch_in_step, offset = jnp.divmod(r * size + jnp.arange(size, dtype=jnp.int32), count)
     epoch = q * size + epoch_in_step
     indices = orders["permutations"][epoch - orders["first_epoch"], offset]
+    batch = {
+      key: value[indices].reshape((size,) + self.row_shapes[key]) for key, value in arrays.items()
+    }
+    if self.on_device is not None:
+      drawn = None if numbers is None else numbers["rows"][step - numbers["first_step"]]
+      batch["inputs"] = self.on_device(batch["inputs"], drawn)
     return {
-      key: jax.lax.with_sharding_constraint(
-        value[indices].reshape((size,) + self.row_shapes[key]), self.sharding
-      )
-      for key, value in arrays.items()
+      key: jax.lax.with_sharding_constraint(value, self.sharding) for key, value in batch.items()
     }
 
   def wrap(self, step_fn):
@@ -166,8 +180,8 @@ class BatchFeeder:
     if not self.device_resident:
       return step_fn
 
-    def gather_and_step(state, arrays, orders):
-      return step_fn(state, self.gather(state.step, arrays, orders))
+    def gather_and_step(state, arrays, orders, *numbers):
+      return step_fn(state, self.gather(state.step, arrays, orders, *numbers))
 
     return gather_and_step
 
@@ -179,8 +193,9 @@ class BatchFeeder:
       self._gather = jax.jit(self.gather, out_shardings=self.sharding)
     return self._gather(np.int32(step), *self(step))
 
-  def __call__(self, step: int) -> tuple:
-    """The arguments after the state of the wrapped step for `step`."""
+  def __call__(self, step: int, steps: int = 1) -> tuple:
+    """The arguments after the state of the wrapped step for a call of `steps` steps
+    from `step` (several: the data held on the device, train.repeated)."""
     if not self.device_resident:
       rows = self.loader(step)
       return (rows if jax.process_count() == 1 else global_batch(rows, self.sharding),)
@@ -192,7 +207,14 @@ class BatchFeeder:
       orders = {"first_epoch": np.int32(epoch), "permutations": permutations}
       # every process computes the same orders: placed like the arrays in __init__
       self._orders = (epoch, jax.device_put(orders, self.replicated))
-    return (self.arrays, self._orders[1])
+    if not self.numbers_per_step:
+      return (self.arrays, self._orders[1])
+    seed, size = self.loader.seed, self.loader.global_batch_size
+    rows = [self.on_device.numbers(seed, s, size) for s in range(step, step + steps)]
+    numbers = {"first_step": np.int32(step), "rows": np.stack(rows)}
+    if jax.process_count() > 1:  # every process drew the same numbers
+      numbers = jax.device_put(numbers, self.replicated)
+    return (self.arrays, self._orders[1], numbers)
 
 
 # --- Multi-process.

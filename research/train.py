@@ -247,8 +247,8 @@ def train_and_evaluate(
   ):
     raise config_lib.ConfigError(
       f"config.steps_per_dispatch={per_call} needs the training data held on the device "
-      "(in memory, no data.pp_train, within data.device_resident_mb) and at most one epoch "
-      f"per call ({per_call} x global_batch_size={config.global_batch_size}); "
+      "(in memory, within data.device_resident_mb, data.pp_train of ops with a device form) and at "
+      f"most one epoch per call ({per_call} x global_batch_size={config.global_batch_size}); "
       "set config.steps_per_dispatch=1"
     )
   sharding_table = sharding.table(exp.sharding_rows)
@@ -294,7 +294,9 @@ def train_and_evaluate(
     if held_step != start_step:  # the step gathers its batch by state.step
       raise RuntimeError(f"the train state is at step {held_step}, the loop at {start_step}")
     logging.info(
-      "training data: %.1f MB held on every device, batches gathered there", feeder.nbytes / 1e6
+      "training data: %.1f MB held on every device, batches gathered there%s",
+      feeder.nbytes / 1e6,
+      f" and data.pp_train={config.data.pp_train!r} applied" if feeder.on_device else "",
     )
   writer = metrics_lib.MetricWriter(workdir, enabled=process_index == 0)
   metadata = {"config": config.to_dict(), "versions": versions()}
@@ -306,8 +308,8 @@ def train_and_evaluate(
   try:
     step, calls = start_step, 0
     while step < total_steps:
-      feed = feeder(step)  # the batch, or the arrays on the device the step gathers from
       count = steps_from(step)
+      feed = feeder(step, count)  # the batch, or the arrays on the device the step gathers from
       train_step = jitted(count)
       if step == start_step:  # XLA's FLOP count for MFU; the call below reuses this compile
         t_lower = time.perf_counter()

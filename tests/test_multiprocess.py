@@ -21,6 +21,7 @@ def _flags(workdir, tfds_data_dir, mnist_raw_dir):
     f"--config.data.data_dir={tfds_data_dir}", f"--config.data.raw_dir={mnist_raw_dir}",
     "--config.num_train_steps=200", "--config.log_every_steps=10",
     "--config.checkpoint_every_steps=100", "--config.eval_batch_size=1000",
+    "--config.data.pp_train=pad(2)|random_crop(28)|flip_lr",  # in the step, on the device
   ]  # fmt: skip
 
 
@@ -36,7 +37,8 @@ def test_two_processes_match_one(mnist, tfds_data_dir, mnist_raw_dir, tmp_path):
     capture_output=True, text=True, cwd=config_lib.REPO_ROOT, env=_env(), timeout=600,
   )  # fmt: skip
   assert single.returncode == 0, single.stderr[-3000:]
-  # ... and four steps per jitted call there (calls of 4, 4, 2 between log lines)
+  # ... and four steps per jitted call there (calls of 4, 4, 2 between log lines), each
+  # with its four steps' crops and flips
   flags = [*_flags(tmp_path / "two", tfds_data_dir, mnist_raw_dir), "--config.steps_per_dispatch=4"]
   double = subprocess.run(
     ["bash", str(LAUNCHER), "2", *flags],

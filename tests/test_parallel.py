@@ -114,9 +114,25 @@ def test_batch_feeder_gathers_the_loaders_batches_on_the_device():
     np.testing.assert_array_equal(np.asarray(targets), plain(step)["targets"])
   big = loader.StepLoader(arrays, 40_000_000, seed=3)  # positions overflow int32: host-fed
   assert not parallel.BatchFeeder(big, sharding, 1).device_resident
-  # Host-fed: per-batch preprocessing, too large a dataset, or turned off.
-  augmented = loader.StepLoader(arrays, 16, 3, pipeline=preprocess.Pipeline("flip_lr"))
-  assert not parallel.BatchFeeder(augmented, sharding, 1).device_resident
+  # A pp_train of ops with a device form runs in the step on the batch it gathered,
+  # with the numbers the host drew for that step: the loader's bytes.
+  pipeline = preprocess.Pipeline("pad(1)|random_crop(4)|flip_lr")
+  augmented = loader.StepLoader(arrays, 16, 3, pipeline=pipeline)
+  feeder = parallel.BatchFeeder(augmented, sharding, device_resident_mb=1)
+  assert feeder.device_resident and feeder.numbers_per_step and len(feeder.shardings) == 3
+  inputs_fn = lambda state, batch: (State(state.step + 1), batch["inputs"])  # noqa: E731
+  wrapped = jax.jit(feeder.wrap(inputs_fn), in_shardings=(None, *feeder.shardings))
+  state = State(np.int32(0))
+  for step in range(8):
+    state, inputs = wrapped(state, *feeder(step))
+    np.testing.assert_array_equal(np.asarray(inputs), augmented(step)["inputs"])
+    np.testing.assert_array_equal(np.asarray(feeder.batch(step)["inputs"]), inputs)
+  assert not (np.asarray(feeder.batch(0)["inputs"]) == plain(0)["inputs"]).all()
+  # Host-fed: a host-only op, too large a dataset, or turned off.
+  rotated = loader.StepLoader(
+    arrays, 16, 3, pipeline=preprocess.Pipeline("flip_lr|rotate_scale(9)")
+  )
+  assert not parallel.BatchFeeder(rotated, sharding, 1).device_resident
   assert not parallel.BatchFeeder(plain, sharding, 0).device_resident
   assert not parallel.BatchFeeder(plain, sharding, 1e-4).device_resident  # 1 kB > 105 B
   host = parallel.BatchFeeder(plain, sharding, 0)

@@ -89,6 +89,30 @@ def test_a_step_augments_the_same_on_any_number_of_processes_and_on_resume():
 
 
 @pytest.mark.parametrize(
+  "spec, channels, random",
+  [
+    ("pad(2)|random_crop(8)|flip_lr", 1, True),
+    ("decode|pad(3, 'reflect')|random_crop(7, 5)|central_crop(4)|flip_lr(0.3)", 3, True),
+    ("pad(1, 'edge')|central_crop(6)", 3, False),
+  ],
+)
+def test_a_pipelines_device_form_gives_the_hosts_bytes(spec, channels, random):
+  import jax
+
+  x = images(batch=16, channels=channels)
+  pipeline = preprocess.Pipeline(spec)
+  on_device = preprocess.DevicePipeline.of(pipeline, x.shape[1:])
+  assert on_device.random == random
+  run = jax.jit(on_device.__call__)
+  for step in range(4):
+    want = pipeline(x, preprocess.Draws(5, step, slice(None), 16))
+    got = run(x, on_device.numbers(5, step, 16))
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(got), want)
+  assert preprocess.DevicePipeline.of(preprocess.Pipeline("rotate_scale(10)"), x.shape[1:]) is None
+
+
+@pytest.mark.parametrize(
   "key, value, message",
   [
     ("pp_train", "pad(2)|flip", "unknown preprocessing op 'flip' (did you mean 'flip_lr'?)"),

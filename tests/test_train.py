@@ -174,8 +174,10 @@ def test_sigterm_saves_at_the_next_step_and_the_run_resumes_there(config, tmp_pa
 def test_several_steps_per_dispatch_train_the_same_run(config, tmp_path):
   """steps_per_dispatch=8: calls stop at every log (50), eval (100) and save (60), so the
   same steps are logged, evaluated and saved, with the same parameters as one step per
-  call; host-fed data is refused in one line."""
+  call; host-fed data is refused in one line. Each step draws its own crops and flips
+  (data.pp_train, on the device) inside a call as between calls."""
   config.num_train_steps = 130
+  config.data.pp_train = "pad(2)|random_crop(28)|flip_lr"
   train.train_and_evaluate(config, str(tmp_path / "one"))
   config.steps_per_dispatch = 8
   train.train_and_evaluate(config, str(tmp_path / "eight"))

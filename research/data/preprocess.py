@@ -12,6 +12,12 @@ global batch from (seed, step), then keep this process's rows: a step's
 augmentation does not depend on the number of processes, and a resumed run
 sees the same augmented batches as an uninterrupted one.
 
+The geometric ops (pad, crops, flip_lr) also have a device form: when every op of
+pp_train has one, parallel.BatchFeeder holds a small in-memory dataset on the
+device and the jitted step applies the pipeline to the batch it gathers there
+(DevicePipeline). The host still draws each step's numbers, by the same calls as
+the host ops, so both forms give the same bytes.
+
 Shapes: B batch (this process), G global batch, H height, W width, C channels.
 """
 
@@ -20,6 +26,8 @@ from __future__ import annotations
 import ast
 import math
 import re
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -66,7 +74,8 @@ class Pipeline:
 
   def __init__(self, spec: str):
     self.spec = spec
-    self.steps = [(ops.get(name), args) for name, args in parse(spec)]
+    self.parsed = parse(spec)
+    self.steps = [(ops.get(name), args) for name, args in self.parsed]
 
   @property
   def random(self) -> bool:
@@ -116,13 +125,19 @@ def central_crop(images_BxHxWxC, height: int, width: int | None = None):
   return images_BxHxWxC[:, top : top + height, left : left + width]
 
 
+def _crop_draw(draws: Draws, shape_HxWxC, height: int, width: int | None = None):
+  """random_crop's numbers: each window's top and left."""
+  h, w, _ = shape_HxWxC
+  return draws.integers(0, h - height), draws.integers(0, w - (width or height))
+
+
 @ops.register("random_crop")
 @_random
 def random_crop(images_BxHxWxC, draws: Draws, height: int, width: int | None = None):
   """A height x width window at a uniform position, one per image."""
   width = width or height
-  b, h, w, _ = images_BxHxWxC.shape
-  tops, lefts = draws.integers(0, h - height), draws.integers(0, w - width)
+  b = len(images_BxHxWxC)
+  tops, lefts = _crop_draw(draws, images_BxHxWxC.shape[1:], height, width)
   # One window per image from a view of all windows: copies only the chosen pixels
   # (~25x faster than indexing every pixel by row and column).
   windows = np.lib.stride_tricks.sliding_window_view(images_BxHxWxC, (height, width), (1, 2))
@@ -130,10 +145,15 @@ def random_crop(images_BxHxWxC, draws: Draws, height: int, width: int | None = N
   return np.ascontiguousarray(chosen)  # the next op reads rows, not columns
 
 
+def _flip_draw(draws: Draws, shape_HxWxC, probability: float = 0.5):
+  """flip_lr's numbers: whether each image is flipped."""
+  return (draws.uniform(0, 1) < probability,)
+
+
 @ops.register("flip_lr")
 @_random
 def flip_lr(images_BxHxWxC, draws: Draws, probability: float = 0.5):
-  flip = np.flatnonzero(draws.uniform(0, 1) < probability)
+  flip = np.flatnonzero(_flip_draw(draws, images_BxHxWxC.shape[1:], probability)[0])
   images = np.ascontiguousarray(images_BxHxWxC)
   b, h, w, c = images.shape
   # Each pixel's C values as one opaque item: reversing the rows moves whole pixels
@@ -191,3 +211,108 @@ def normalize(images_BxHxWxC, mean, std):
   if (std <= 0).any() or not math.isfinite(float(np.sum(std))):
     raise ValueError(f"normalize: std must be positive, got {std.tolist()}")
   return ((images_BxHxWxC.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+
+
+# --- On the device: the geometric ops inside the jitted step.
+
+
+class DeviceForm(NamedTuple):
+  """An op's device form. `shape((H, W, C), *args)`: its output's image shape;
+  `draw(draws, (H, W, C), *args)`: a random op's numbers for the batch, integer
+  arrays of one value per image (the host op draws them by the same function);
+  `apply(images_GxHxWxC, numbers, *args)`: the op in jax.numpy, traced, with
+  the `count` arrays its draw gave."""
+
+  shape: Callable
+  draw: Callable | None
+  apply: Callable
+  count: int = 0
+
+
+def _pad_on_device(images_GxHxWxC, numbers, pixels: int, mode: str = "constant"):
+  import jax.numpy as jnp
+
+  return jnp.pad(images_GxHxWxC, ((0, 0), (pixels, pixels), (pixels, pixels), (0, 0)), mode)
+
+
+def _crop_shape(shape_HxWxC, height: int, width: int | None = None):
+  return (height, width or height, shape_HxWxC[2])
+
+
+def _central_crop_on_device(images_GxHxWxC, numbers, height: int, width: int | None = None):
+  width = width or height
+  top = (images_GxHxWxC.shape[1] - height) // 2
+  left = (images_GxHxWxC.shape[2] - width) // 2
+  return images_GxHxWxC[:, top : top + height, left : left + width]
+
+
+def _random_crop_on_device(images_GxHxWxC, numbers, height: int, width: int | None = None):
+  import jax
+
+  size = (height, width or height, images_GxHxWxC.shape[3])
+  window = lambda image, top, left: jax.lax.dynamic_slice(image, (top, left, 0), size)  # noqa: E731
+  return jax.vmap(window)(images_GxHxWxC, *numbers)
+
+
+def _flip_on_device(images_GxHxWxC, numbers, probability: float = 0.5):
+  import jax.numpy as jnp
+
+  flip = numbers[0][:, None, None, None] != 0
+  return jnp.where(flip, images_GxHxWxC[:, :, ::-1], images_GxHxWxC)
+
+
+_same_shape = lambda shape_HxWxC, *args: tuple(shape_HxWxC)  # noqa: E731
+ON_DEVICE = {
+  "decode": DeviceForm(_same_shape, None, lambda images_GxHxWxC, numbers: images_GxHxWxC),
+  "pad": DeviceForm(
+    lambda s, pixels, mode="constant": (s[0] + 2 * pixels, s[1] + 2 * pixels, s[2]),
+    None,
+    _pad_on_device,
+  ),
+  "central_crop": DeviceForm(_crop_shape, None, _central_crop_on_device),
+  "random_crop": DeviceForm(_crop_shape, _crop_draw, _random_crop_on_device, count=2),
+  "flip_lr": DeviceForm(_same_shape, _flip_draw, _flip_on_device, count=1),
+}
+
+
+class DevicePipeline:
+  """A Pipeline of ops that all have a device form (ON_DEVICE), for a dataset's images
+  of one shape: `numbers(seed, step, G)` on the host, then `self(images, numbers)`
+  in the jitted step gives the bytes `Pipeline` gives on the host for that step."""
+
+  def __init__(self, pipeline: Pipeline, shape_HxWxC: tuple[int, ...]):
+    self.spec = pipeline.spec
+    self.steps = []  # (form, args, the op's input image shape)
+    shape = tuple(shape_HxWxC)
+    for name, args in pipeline.parsed:
+      form = ON_DEVICE[name]
+      self.steps.append((form, args, shape))
+      shape = form.shape(shape, *args)
+    self.random = any(form.draw is not None for form, _, _ in self.steps)
+
+  @classmethod
+  def of(cls, pipeline: Pipeline, shape_HxWxC) -> DevicePipeline | None:
+    """None when an op of `pipeline` runs on the host only."""
+    if all(name in ON_DEVICE for name, _ in pipeline.parsed) and len(shape_HxWxC) == 3:
+      return cls(pipeline, shape_HxWxC)
+    return None
+
+  def numbers(self, seed: int, step: int, global_batch: int) -> np.ndarray | None:
+    """The random ops' numbers for the global batch of `step`: int32, one row per
+    number, one column per image (None without random ops)."""
+    if not self.random:
+      return None
+    draws = Draws(seed, step, slice(None), global_batch)
+    rows = [
+      row for form, args, shape in self.steps if form.draw for row in form.draw(draws, shape, *args)
+    ]
+    assert len(rows) == sum(form.count for form, _, _ in self.steps)
+    return np.stack(rows).astype(np.int32)
+
+  def __call__(self, images_GxHxWxC, numbers=None):
+    row = 0
+    for form, args, _ in self.steps:
+      taken = numbers[row : row + form.count] if form.count else ()
+      images_GxHxWxC = form.apply(images_GxHxWxC, taken, *args)
+      row += form.count
+    return images_GxHxWxC
