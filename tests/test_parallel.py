@@ -66,11 +66,13 @@ def _run(workdir, tfds_data_dir, mnist_raw_dir, devices, *flags):
 def test_data_parallel_on_8_devices_matches_one_device(
   mnist, tfds_data_dir, mnist_raw_dir, tmp_path
 ):
-  """One device fed from the host, eight gathering batches from MNIST held on each."""
+  """One device fed from the host, eight gathering batches from MNIST held on each,
+  with crops and flips drawn per step: numpy's on the host, jax.numpy's on the devices."""
   del mnist  # prepared by the session fixture
   host = "--config.data.device_resident_mb=0"
-  one = _run(tmp_path / "one", tfds_data_dir, mnist_raw_dir, 1, host)
-  eight = _run(tmp_path / "eight", tfds_data_dir, mnist_raw_dir, 8)  # the default: held
+  augment = "--config.data.pp_train=pad(2)|random_crop(28)|flip_lr"
+  one = _run(tmp_path / "one", tfds_data_dir, mnist_raw_dir, 1, host, augment)
+  eight = _run(tmp_path / "eight", tfds_data_dir, mnist_raw_dir, 8, augment)  # held there
   config_eight = (tmp_path / "eight" / "config.json").read_text()
   assert '"data": 8' in config_eight
   losses = lambda records: [r["metrics"]["loss"] for r in records if r["split"] == "train"]
