@@ -128,7 +128,7 @@ class BatchFeeder:
     self.nbytes = sum(v.nbytes for v in arrays.values()) if in_memory else 0
     pipeline = loader.pipeline if arrays else None
     self.on_device = None  # the pipeline in the jitted step
-    if pipeline is not None and "inputs" in arrays:
+    if pipeline is not None and in_memory and "inputs" in arrays:
       self.on_device = preprocess.DevicePipeline.of(pipeline, arrays["inputs"].shape[1:])
     self.device_resident = (
       bool(arrays)

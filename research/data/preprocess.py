@@ -281,7 +281,6 @@ class DevicePipeline:
   in the jitted step gives the bytes `Pipeline` gives on the host for that step."""
 
   def __init__(self, pipeline: Pipeline, shape_HxWxC: tuple[int, ...]):
-    self.spec = pipeline.spec
     self.steps = []  # (form, args, the op's input image shape)
     shape = tuple(shape_HxWxC)
     for name, args in pipeline.parsed:
