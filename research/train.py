@@ -296,7 +296,9 @@ def train_and_evaluate(
     logging.info(
       "training data: %.1f MB held on every device, batches gathered there%s",
       feeder.nbytes / 1e6,
-      f" and data.pp_train={config.data.pp_train!r} applied" if feeder.on_device else "",
+      f" and data.pp_train={config.data.pp_train!r} applied"
+      if feeder.on_device is not None
+      else "",
     )
   writer = metrics_lib.MetricWriter(workdir, enabled=process_index == 0)
   metadata = {"config": config.to_dict(), "versions": versions()}
