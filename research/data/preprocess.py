@@ -217,33 +217,25 @@ def normalize(images_BxHxWxC, mean, std):
 
 
 class DeviceForm(NamedTuple):
-  """An op's device form. `shape((H, W, C), *args)`: its output's image shape;
-  `draw(draws, (H, W, C), *args)`: a random op's numbers for the batch, integer
-  arrays of one value per image (the host op draws them by the same function);
-  `apply(images_GxHxWxC, numbers, *args)`: the op in jax.numpy, traced, with
-  the `count` arrays its draw gave."""
+  """An op's device form. `draw(draws, (H, W, C), *args)`: a random op's numbers for
+  the batch, integer arrays of one value per image (the host op draws them by the same
+  function); `apply(images_GxHxWxC, numbers, *args)`: the op in jax.numpy, traced,
+  with the `count` arrays its draw gave."""
 
-  shape: Callable
   draw: Callable | None
   apply: Callable
   count: int = 0
+
+
+def _as_on_device(host_op):
+  """A deterministic host op whose numpy code (slicing, checks) runs on jax arrays too."""
+  return lambda images_GxHxWxC, numbers, *args: host_op(images_GxHxWxC, *args)
 
 
 def _pad_on_device(images_GxHxWxC, numbers, pixels: int, mode: str = "constant"):
   import jax.numpy as jnp
 
   return jnp.pad(images_GxHxWxC, ((0, 0), (pixels, pixels), (pixels, pixels), (0, 0)), mode)
-
-
-def _crop_shape(shape_HxWxC, height: int, width: int | None = None):
-  return (height, width or height, shape_HxWxC[2])
-
-
-def _central_crop_on_device(images_GxHxWxC, numbers, height: int, width: int | None = None):
-  width = width or height
-  top = (images_GxHxWxC.shape[1] - height) // 2
-  left = (images_GxHxWxC.shape[2] - width) // 2
-  return images_GxHxWxC[:, top : top + height, left : left + width]
 
 
 def _random_crop_on_device(images_GxHxWxC, numbers, height: int, width: int | None = None):
@@ -261,17 +253,12 @@ def _flip_on_device(images_GxHxWxC, numbers, probability: float = 0.5):
   return jnp.where(flip, images_GxHxWxC[:, :, ::-1], images_GxHxWxC)
 
 
-_same_shape = lambda shape_HxWxC, *args: tuple(shape_HxWxC)  # noqa: E731
 ON_DEVICE = {
-  "decode": DeviceForm(_same_shape, None, lambda images_GxHxWxC, numbers: images_GxHxWxC),
-  "pad": DeviceForm(
-    lambda s, pixels, mode="constant": (s[0] + 2 * pixels, s[1] + 2 * pixels, s[2]),
-    None,
-    _pad_on_device,
-  ),
-  "central_crop": DeviceForm(_crop_shape, None, _central_crop_on_device),
-  "random_crop": DeviceForm(_crop_shape, _crop_draw, _random_crop_on_device, count=2),
-  "flip_lr": DeviceForm(_same_shape, _flip_draw, _flip_on_device, count=1),
+  "decode": DeviceForm(None, _as_on_device(decode)),
+  "pad": DeviceForm(None, _pad_on_device),
+  "central_crop": DeviceForm(None, _as_on_device(central_crop)),
+  "random_crop": DeviceForm(_crop_draw, _random_crop_on_device, count=2),
+  "flip_lr": DeviceForm(_flip_draw, _flip_on_device, count=1),
 }
 
 
@@ -281,12 +268,17 @@ class DevicePipeline:
   in the jitted step gives the bytes `Pipeline` gives on the host for that step."""
 
   def __init__(self, pipeline: Pipeline, shape_HxWxC: tuple[int, ...]):
+    import jax
+
     self.steps = []  # (form, args, the op's input image shape)
     shape = tuple(shape_HxWxC)
     for name, args in pipeline.parsed:
       form = ON_DEVICE[name]
       self.steps.append((form, args, shape))
-      shape = form.shape(shape, *args)
+      # the next op's input shape: this op's output, from its own code, traced once
+      image = jax.ShapeDtypeStruct((1, *shape), np.uint8)
+      numbers = [jax.ShapeDtypeStruct((1,), np.int32)] * form.count
+      shape = jax.eval_shape(lambda x, n: form.apply(x, n, *args), image, numbers).shape[1:]  # noqa: B023
     self.random = any(form.draw is not None for form, _, _ in self.steps)
 
   @classmethod
