@@ -103,6 +103,23 @@ def apply_xla_defaults(model_name: str) -> None:
     os.environ["XLA_FLAGS"] = flags
 
 
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+
+
+def ynn_reduces(flags: str | None = None) -> bool:
+  """Whether XLA:CPU hands reductions to YNNPACK under `flags` (default $XLA_FLAGS, which
+  XLA reads once, when the backend starts): its default fusion list has `reduce`; a
+  list of names replaces the default list (the LM's `dot`), names with a sign edit it."""
+  flags = os.environ.get("XLA_FLAGS", "") if flags is None else flags
+  values = [f[len(YNN_FLAG) :] for f in flags.split() if f.startswith(YNN_FLAG)]
+  if not values:
+    return True
+  names = [n.strip() for n in values[-1].split(",") if n.strip()]
+  if any(n[0] in "+-" for n in names):
+    return "-reduce" not in names
+  return "reduce" in names
+
+
 KEEP_BYTES = 1 << 30  # blocks up to this size come from (and stay in) the heap
 
 

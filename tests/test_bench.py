@@ -150,6 +150,18 @@ def test_xla_defaults_are_per_model_added_once_and_yield_to_the_user(monkeypatch
   assert os.environ["XLA_FLAGS"] == ""
 
 
+def test_ynn_reduces_reads_the_fusion_list_as_xla_does():
+  flag = "--xla_cpu_experimental_ynn_fusion_type="
+  assert runtime.ynn_reduces("")  # jaxlib's default list has reduce
+  assert runtime.ynn_reduces("--xla_force_host_platform_device_count=8")
+  assert runtime.ynn_reduces(f"{flag}-individual_convolution")  # the default list, edited
+  assert not runtime.ynn_reduces(f"{flag}-individual_convolution,-reduce")
+  assert not runtime.ynn_reduces(f"{flag}dot")  # the LM's: a list replaces the default
+  assert runtime.ynn_reduces(f"{flag}dot,reduce")
+  assert not runtime.ynn_reduces(f"{flag}dot,reduce {flag}dot")  # the last one counts
+  assert runtime.ynn_reduces(runtime.xla_flags_for("cnn")) or not runtime.xla_defaults_apply()
+
+
 _CONV_KERNELS = """
 import jax, jax.numpy as jnp
 from research.models import layers

@@ -90,19 +90,25 @@ def test_global_norm_clipping():
   np.testing.assert_allclose(updates["w"], [-0.6, -0.8], rtol=1e-6)
 
 
-def test_gradient_norm_and_its_clipping_are_optaxs():
-  """optim.global_norm (dot products, for XLA:CPU's speed) is optax.global_norm, and NaN
-  or Inf for any non-finite gradient (the train step's finiteness check reads it); the
-  clipping built on it is optax.clip_by_global_norm, below and above the bound."""
+@pytest.mark.parametrize("flags", ["", "--xla_cpu_experimental_ynn_fusion_type=dot"])
+def test_gradient_norm_and_its_clipping_are_optaxs(flags, monkeypatch):
+  """optim.global_norm (in each form: for YNNPACK's reductions, and by rows for XLA's,
+  as under the LM's flags) is optax.global_norm, and NaN or Inf for any non-finite
+  gradient (the train step's finiteness check reads it); the clipping built on it is
+  optax.clip_by_global_norm, below and above the bound."""
+  monkeypatch.setenv("XLA_FLAGS", flags)  # read when the norm is traced
   tree = {
     "kernel": jax.random.normal(jax.random.key(0), (3, 4, 5)),
     "bias": jnp.arange(4.0),
     "scalar": jnp.float32(-2.0),
+    "big": jax.random.normal(jax.random.key(1), (96, 64)),  # summed by rows under "dot"
   }
   np.testing.assert_allclose(optim.global_norm(tree), optax.global_norm(tree), rtol=1e-6)
   assert float(optim.global_norm({})) == 0.0
   for bad in (jnp.inf, -jnp.inf, jnp.nan, 3e20):  # 3e20 squared overflows float32
-    assert not np.isfinite(float(optim.global_norm({**tree, "bias": tree["bias"].at[1].set(bad)})))
+    for leaf, at in (("bias", 1), ("big", 4000)):
+      flat = tree[leaf].ravel().at[at].set(bad).reshape(tree[leaf].shape)
+      assert not np.isfinite(float(optim.global_norm({**tree, leaf: flat}))), (leaf, bad)
   for max_norm in (0.5, 100.0):
     ours, theirs = optim.clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
     assert jax.tree.structure(ours.init(tree)) == jax.tree.structure(theirs.init(tree))
