@@ -117,6 +117,18 @@ def test_gradient_norm_and_its_clipping_are_optaxs(flags, monkeypatch):
       np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
+def test_sum_of_squares_by_rows_is_the_dot_and_keeps_non_finite():
+  """Both forms of a leaf's sum of squares directly (global_norm takes the rows on one
+  device only, so its test above may run the dot form under either flag)."""
+  x = jax.random.normal(jax.random.key(2), (96, 64))
+  for by_rows in (True, False):
+    np.testing.assert_allclose(optim._sum_of_squares(x, by_rows), jnp.sum(x * x), rtol=1e-6)
+    for bad in (jnp.inf, jnp.nan, 3e20):
+      assert not np.isfinite(float(optim._sum_of_squares(x.at[50, 7].set(bad), by_rows)))
+  odd = jnp.ones((7, 93))  # not a multiple of 8 rows: the dot form
+  assert float(optim._sum_of_squares(odd, True)) == 7 * 93
+
+
 def test_l1_l2_penalty_counts_only_decayed_weights():
   params = _params()  # kernel: 6 ones; bias and norm scale excluded
   assert float(optim.penalty(params, l1=0.0, l2=0.0)) == 0.0
