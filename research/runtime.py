@@ -109,7 +109,10 @@ YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
 def ynn_reduces(flags: str | None = None) -> bool:
   """Whether XLA:CPU hands reductions to YNNPACK under `flags` (default $XLA_FLAGS, which
   XLA reads once, when the backend starts): its default fusion list has `reduce`; a
-  list of names replaces the default list (the LM's `dot`), names with a sign edit it."""
+  list of names replaces the default list (the LM's `dot`), names with a sign edit it.
+  A process that changes $XLA_FLAGS after its backend started (several models trained
+  in one process) reads the new value: optim.global_norm then takes the other form,
+  the same norm at the other form's speed."""
   flags = os.environ.get("XLA_FLAGS", "") if flags is None else flags
   values = [f[len(YNN_FLAG) :] for f in flags.split() if f.startswith(YNN_FLAG)]
   if not values:
