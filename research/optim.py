@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from research import config as config_lib
-from research import registry
+from research import registry, runtime
 
 # Keys of config.optimizer that every optimizer accepts.
 COMMON_KEYS = (
@@ -34,8 +34,6 @@ def global_norm(tree) -> jax.Array:
   identical computations)."""
   if jax.default_backend() != "cpu":
     return optax.global_norm(tree)
-  from research import runtime
-
   # By rows on one device only: on a mesh, a leaf sharded along its last axis would be
   # gathered to be cut into rows, where a dot sums each device's part.
   by_rows = jax.device_count() == 1 and not runtime.ynn_reduces()
