@@ -26,7 +26,8 @@
 # burst of the bare step).
 #
 # Needs prepared TFDS data for mnist, fashion_mnist and tiny_shakespeare in
-# $TFDS_DATA_DIR. The outputs land in $OUT.
+# $TFDS_DATA_DIR (for a device machine, launch/gpu_prepare.sh makes it and the wheels).
+# The outputs land in $OUT.
 set -uo pipefail
 OUT=${OUT:-results/gpu}
 PY=${PY:-python3}
