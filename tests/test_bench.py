@@ -290,6 +290,14 @@ def test_reshape_max_pool_matches_flax():
     np.testing.assert_array_equal(
       grad(layers.max_pool_2x2), grad(lambda x: nn.max_pool(x, (2, 2), (2, 2)))
     )
+  # jitted (the residual is the first maximum's position); a window with a NaN passes
+  # NaN forward and no gradient back
+  inputs = tied.at[0, 0, 0, 0].set(jnp.nan)
+  pooled, pull = jax.jit(lambda x: jax.vjp(layers.max_pool_2x2, x))(inputs)
+  (dx,) = pull(dy)
+  assert jnp.isnan(pooled[0, 0, 0, 0]) and not jnp.isnan(pooled[0, 0, 0, 1])
+  assert jnp.all(dx[0, 0:2, 0:2, 0] == 0) and jnp.all(dx[0, 0, 0, 1:] == dy[0, 0, 0, 1:])
+  assert jnp.sum(dx != 0) == dy.size - 1  # one position per other window
 
 
 @pytest.mark.parametrize("family", ["mlp", "cnn", "lm"])
