@@ -8,7 +8,7 @@
 #              profile and cnn parts; the bench part's input section also reads
 #              fashion_mnist) prepared from ../shared/data; an image dataset as its
 #              decoded arrays only (compressed research_arrays/*.npz, which research.data
-#              reads before any TFDS file), its tfrecords left out: 14 MB, 44 MB with
+#              reads before any TFDS file), its tfrecords left out: 13 MB, 42 MB with
 #              fashion_mnist (a call carries at most 64 MiB with the repository).
 # Both are ignored through .git/info/exclude, so only a call's `carry` takes them:
 #   bash launch/gpu_prepare.sh
