@@ -21,6 +21,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 DATASETS=${DATASETS:-tiny_shakespeare mnist}
+for name in $DATASETS; do  # checked before anything is removed
+  case "$name" in
+    tiny_shakespeare | mnist | fashion_mnist) ;;
+    *) echo "DATASETS: unknown '$name': valid: tiny_shakespeare mnist fashion_mnist" >&2; exit 2 ;;
+  esac
+done
 mkdir -p .git/info
 for path in /.whl/ /.gpu_data/; do
   grep -qxF "$path" .git/info/exclude 2> /dev/null || echo "$path" >> .git/info/exclude
@@ -49,8 +55,6 @@ from research.data import sources
 
 RAW = {"tiny_shakespeare": "tinyshakespeare", "mnist": "mnist", "fashion_mnist": "fashion-mnist"}
 for name in sys.argv[1:]:
-  if name not in RAW:
-    sys.exit(f"DATASETS: unknown {name!r}; valid: {', '.join(RAW)}")
   builder = sources.prepare(name, config.raw_data_dir(RAW[name]))
   images = name != "tiny_shakespeare"
   if images:  # decoded once here; compressed, since they travel
