@@ -8,8 +8,10 @@
 #              profile and cnn parts; the bench part's input section also reads
 #              fashion_mnist) prepared from ../shared/data; an image dataset as its
 #              decoded arrays only (compressed research_arrays/*.npz, which research.data
-#              reads before any TFDS file), its tfrecords left out: 13 MB, 42 MB with
-#              fashion_mnist (a call carries at most 64 MiB with the repository).
+#              reads before any TFDS file), its tfrecords left out; tiny_shakespeare
+#              with its splits' text beside them (research_arrays/*.txt: the device has
+#              no TensorFlow to read tfrecords): 13 MB, 42 MB with fashion_mnist (a call
+#              carries at most 64 MiB with the repository).
 # Both are ignored through .git/info/exclude, so only a call's `carry` takes them:
 #   bash launch/gpu_prepare.sh
 #   run(carry=[".whl", ".gpu_data"], command="python3 -m pip install -q --no-index
@@ -51,13 +53,14 @@ import sys
 import numpy as np
 
 from research import config
-from research.data import sources
+from research.data import sources, text
 
 RAW = {"tiny_shakespeare": "tinyshakespeare", "mnist": "mnist", "fashion_mnist": "fashion-mnist"}
 for name in sys.argv[1:]:
   builder = sources.prepare(name, config.raw_data_dir(RAW[name]))
-  images = name != "tiny_shakespeare"
-  if images:  # decoded once here; compressed, since they travel
+  if name == "tiny_shakespeare":  # its splits' text, which research.data reads there
+    text.load_texts(builder, sorted(builder.info.splits))  # without TensorFlow
+  else:  # decoded once here; compressed, since they travel
     for split in ("train", "test"):
       arrays = sources.load_arrays(builder, split)
       np.savez_compressed(sources.cache_path(builder, split, ".npz"), **arrays)
