@@ -20,7 +20,10 @@
 #
 # Per-part limits in seconds: GPT2_LIMIT (180), PROFILE_LIMIT (540), CNN_LIMIT (100),
 # BENCH_LIMIT (270). GPT2_EXTRA: more flags for the gpt2 run; GPT2_RETRY=0: no retry
-# with XLA's attention after a failed gpt2 run. On a GPU, $OUT/clocks.csv samples the
+# with XLA's attention after a failed gpt2 run. GPT2_RUNS="64 64:xent_one_pass 128": one
+# research.train run each (GPT2_LIMIT each, no retry) instead of one at the config's
+# batch: BATCH, or BATCH:xent_one_pass for the loss's max, sum and argmax in one pass
+# over the logits on every backend (losses.ONE_PASS_XENT_BACKENDS). On a GPU, $OUT/clocks.csv samples the
 # SM clock, power and temperature every second throughout (a clock that drops under
 # sustained load would explain research.train's windows running slower than a 10-step
 # burst of the bare step).
@@ -41,6 +44,12 @@ for part in $PARTS; do  # all checked before anything runs
     gpt2 | profile | cnn | bench) ;;
     *) echo "unknown part '$part': valid: gpt2 profile cnn bench" >&2; exit 2 ;;
   esac
+done
+for entry in ${GPT2_RUNS:-}; do
+  if ! [[ "$entry" =~ ^[1-9][0-9]*(:xent_one_pass)?$ ]]; then
+    echo "GPT2_RUNS entry '$entry': valid: BATCH or BATCH:xent_one_pass" >&2
+    exit 2
+  fi
 done
 mkdir -p "$OUT"
 work=$(mktemp -d)
@@ -86,8 +95,41 @@ train_gpt2() {  # NAME LIMIT [FLAGS...]: research.train in $work/NAME, logged to
     --workdir="$work/$1" "${gpt2[@]}" "${@:3}" > "$OUT/$1.log" 2>&1
 }
 
+# research.train with the cross-entropy in one pass over the logits on every backend.
+ONE_PASS_TRAIN='
+import runpy, sys
+from research import losses
+losses.ONE_PASS_XENT_BACKENDS = frozenset({"cpu", "gpu", "tpu"})
+sys.argv = ["research.train", *sys.argv[1:]]
+runpy.run_module("research.train", run_name="__main__", alter_sys=True)
+'
+
+gpt2_runs() {  # each of $GPT2_RUNS, logged to $OUT/gpt2_bBATCH[_xent_one_pass].log
+  local entry batch code name
+  for entry in $GPT2_RUNS; do
+    batch=${entry%%:*}
+    code=${entry#"$batch"}
+    code=${code#:}
+    name=gpt2_b$batch${code:+_$code}
+    echo "-- $name"
+    if [ "$code" = xent_one_pass ]; then
+      timeout "${GPT2_LIMIT:-180}" "$PY" -c "$ONE_PASS_TRAIN" \
+        --config=experiments/shakespeare_char.py:size="$LM_SIZE" --workdir="$work/$name" \
+        "${gpt2[@]}" --config.global_batch_size="$batch" > "$OUT/$name.log" 2>&1
+    else
+      train_gpt2 "$name" "${GPT2_LIMIT:-180}" --config.global_batch_size="$batch"
+    fi
+    echo "exit $?"
+    grep -E "step .*MFU|TIMING\] (state init|first step)|^  attention:" "$OUT/$name.log" | sed 's/^.*\] //'
+  done
+}
+
 part_gpt2() {
   echo "== gpt2: GPT-2-small-shaped LM, bf16, size=$LM_SIZE"
+  if [ -n "${GPT2_RUNS:-}" ]; then
+    gpt2_runs
+    return
+  fi
   train_gpt2 gpt2 "${GPT2_LIMIT:-180}"
   local status=$?
   echo "exit $status"
