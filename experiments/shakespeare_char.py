@@ -22,9 +22,12 @@ Sizes (`shakespeare_char.py:size=...`):
 - `gpt2_124m`: `gpt2` at GPT-2 small's size, 124M parameters: the embedding and
   logits have GPT-2's 50,257 tokens padded to 50,304 as nanoGPT does
   (`model.pad_vocab_to`; the 65 characters use the first rows), so the output
-  layer's matmul and softmax cost what they cost GPT-2. Batch 64 (65,536 tokens a
-  step; GPT-2 trained on 512 x 1,024): on an H200 44.3-44.6% MFU under research.train,
-  against 42.4-42.5% at batch 32 (results/benchmarks_gpu.md, 2026-11-27).
+  layer's matmul and softmax cost what they cost GPT-2. Batch 128 (131,072 tokens a
+  step; GPT-2 trained on 512 x 1,024): on an H200 under research.train 44.9-45.1% MFU
+  (2026-11-28), against 43.9-44.2% at batch 64 and 42.4-42.5% at batch 32
+  (results/benchmarks_gpu.md). Batch 128 holds more activations than batch 64; on a
+  card of 80 GB, `--config.grad_accum_steps=2` takes the same 128 rows per update in
+  microbatches of 64 (not yet measured on one).
 """
 
 from research import config as config_lib
@@ -37,7 +40,7 @@ SIZES = {
   "baby": (6, 6, 384, 256, 64, 5000, 0.2, 1e-3),
   "gpt2": (12, 12, 768, 1024, 32, 300, 0.0, 6e-4),
 }
-SIZES["gpt2_124m"] = SIZES["gpt2"][:4] + (64,) + SIZES["gpt2"][5:]  # vocabulary padded below
+SIZES["gpt2_124m"] = SIZES["gpt2"][:4] + (128,) + SIZES["gpt2"][5:]  # vocabulary padded below
 GPT2_PADDED_VOCAB = 50_304  # GPT-2's 50,257 tokens, padded to a multiple of 64 (nanoGPT)
 
 
