@@ -13,9 +13,9 @@ from research import config as config_lib
 # steps each. LLVM at -O1 (XLA:CPU's default is -O2) compiles them faster: the whole
 # suite 1135 -> 959 s on 2 cores (session 25; the MNIST CNN's train step 1.73 -> 1.14 s
 # to compile, its loss equal to the bit); every test passed at both levels. Processes a
-# test starts inherit it, except those given an XLA_FLAGS of their own (the multi-device
-# ones), which compile at -O2. Speed figures come from research.bench, never from a
-# test. An XLA_FLAGS that sets the level keeps its own.
+# test starts inherit it; those given an XLA_FLAGS of their own (the multi-device ones)
+# take it through helpers.xla.devices_flags. Speed figures come from research.bench,
+# never from a test. An XLA_FLAGS that sets the level keeps its own.
 _OPT_LEVEL = "--xla_backend_optimization_level"
 if _OPT_LEVEL not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_OPT_LEVEL}=1".strip()

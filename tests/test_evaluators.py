@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers.xla import devices_flags
 
 from research import config as config_lib
 from research import evaluate, train
@@ -119,7 +120,7 @@ def test_evaluate_rejects_a_checkpoint_that_does_not_fit(trained, tmp_path):
 
 
 def _evaluate_on(devices: int, workdir, tfds_data_dir, mnist_raw_dir, out):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = dict(os.environ, XLA_FLAGS=devices_flags(devices))
   result = subprocess.run(
     [
       sys.executable, "-m", "research.evaluate", f"--checkpoint={workdir}",

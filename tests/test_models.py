@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from helpers.xla import devices_flags
 
 from research import config as config_lib
 from research import registry
@@ -348,7 +349,7 @@ def test_dropout_mask_is_the_same_split_over_devices():
       np.testing.assert_array_equal(split, whole)
     print("ok")
   """
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, XLA_FLAGS=devices_flags(8))
   code = textwrap.dedent(code)
   run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
   assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers.xla import devices_flags
 
 from research import config as config_lib
 from research import experiment, losses, optim, registry
@@ -269,6 +270,6 @@ def test_one_pass_xent_with_classes_split_over_devices_equals_one_device():
     np.testing.assert_allclose(grad8, grad, atol=1e-6)
     print("ok")
   """
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, XLA_FLAGS=devices_flags(8))
   run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
   assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]

@@ -9,6 +9,7 @@ import sys
 
 import ml_collections
 import pytest
+from helpers.xla import devices_flags
 
 from research import config as config_lib
 from research import parallel
@@ -48,7 +49,7 @@ def test_multi_slice_mesh_puts_data_across_slices():
 
 
 def _run(workdir, tfds_data_dir, mnist_raw_dir, devices, *flags):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = dict(os.environ, XLA_FLAGS=devices_flags(devices))
   result = subprocess.run(
     [
       sys.executable, "-m", "research.train", "--config=experiments/mnist_mlp.py",

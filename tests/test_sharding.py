@@ -9,6 +9,7 @@ import sys
 import types
 
 import pytest
+from helpers.xla import devices_flags
 from jax.sharding import PartitionSpec
 
 from research import config as config_lib
@@ -132,7 +133,7 @@ def _mesh_runs(tmp_path, devices, specs, tfds_data_dir, raw_dir, workroot="runs"
   # What is tested here is the sharding, not a kernel library's summation order.
   env = dict(
     os.environ,
-    XLA_FLAGS=runtime.xla_flags_for("", f"--xla_force_host_platform_device_count={devices}"),
+    XLA_FLAGS=runtime.xla_flags_for("", devices_flags(devices)),
     RESEARCH_XLA_DEFAULTS="0",
     PYTHONPATH=str(config_lib.REPO_ROOT),
   )
@@ -233,7 +234,7 @@ def test_one_process_saves_each_replicated_array_from_one_replica(handler, tmp_p
   """Orbax's default on the CPU cuts each replicated array into one slice per replica
   (a dispatch each, a compile per new shape); in one process that only costs time."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(config_lib.REPO_ROOT))
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["XLA_FLAGS"] = devices_flags(8)
   result = subprocess.run(
     [sys.executable, "-c", SAVE_REPLICATED, str(tmp_path / "ckpt"), handler],
     capture_output=True, text=True, env=env, timeout=300,

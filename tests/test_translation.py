@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
+from helpers.xla import devices_flags
 
 from research import config as config_lib
 from research import decoding, registry
@@ -192,7 +193,7 @@ def test_data_fsdp_and_tensor_parallel_losses_equal_one_device(multi30k_data_dir
     out = tmp_path / f"losses_{devices}.json"
     env = dict(
       os.environ,
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+      XLA_FLAGS=devices_flags(devices),
       PYTHONPATH=str(config_lib.REPO_ROOT),
     )
     specs = [f"seq2seq:{mesh}:30:{mesh.replace(',', '_')}:warmup_cosine" for mesh in group]
