@@ -20,11 +20,12 @@
 #
 # Per-part limits in seconds: GPT2_LIMIT (180), PROFILE_LIMIT (540), CNN_LIMIT (100),
 # BENCH_LIMIT (270). GPT2_EXTRA: more flags for the gpt2 run; GPT2_RETRY=0: no retry
-# with XLA's attention after a failed gpt2 run. GPT2_RUNS="64 64:xent_one_pass 128": one
+# with XLA's attention after a failed gpt2 run. GPT2_RUNS="128 128:xent_two_pass": one
 # research.train run each (GPT2_LIMIT each, no retry) instead of one at the config's
-# batch: BATCH, or BATCH:xent_one_pass for the loss's max, sum and argmax in one pass
-# over the logits on every backend (losses.ONE_PASS_XENT_BACKENDS). On a GPU, $OUT/clocks.csv samples the
-# SM clock, power and temperature every second throughout (a clock that drops under
+# batch: BATCH (the loss as losses.ONE_PASS_XENT_BACKENDS says: one pass on GPUs), or
+# BATCH:xent_one_pass / BATCH:xent_two_pass for the loss's max, sum and argmax in one
+# pass over the logits, or in two reductions and an argmax, on every backend. On a
+# GPU, $OUT/clocks.csv samples the SM clock, power and temperature every second throughout (a clock that drops under
 # sustained load would explain research.train's windows running slower than a 10-step
 # burst of the bare step).
 #
@@ -46,8 +47,8 @@ for part in $PARTS; do  # all checked before anything runs
   esac
 done
 for entry in ${GPT2_RUNS:-}; do
-  if ! [[ "$entry" =~ ^[1-9][0-9]*(:xent_one_pass)?$ ]]; then
-    echo "GPT2_RUNS entry '$entry': valid: BATCH or BATCH:xent_one_pass" >&2
+  if ! [[ "$entry" =~ ^[1-9][0-9]*(:xent_one_pass|:xent_two_pass)?$ ]]; then
+    echo "GPT2_RUNS entry '$entry': valid: BATCH, BATCH:xent_one_pass or BATCH:xent_two_pass" >&2
     exit 2
   fi
 done
@@ -95,16 +96,18 @@ train_gpt2() {  # NAME LIMIT [FLAGS...]: research.train in $work/NAME, logged to
     --workdir="$work/$1" "${gpt2[@]}" "${@:3}" > "$OUT/$1.log" 2>&1
 }
 
-# research.train with the cross-entropy in one pass over the logits on every backend.
-ONE_PASS_TRAIN='
+# research.train with the cross-entropy in one pass over the logits (first argument
+# xent_one_pass) or in two (xent_two_pass) on every backend.
+XENT_TRAIN='
 import runpy, sys
 from research import losses
-losses.ONE_PASS_XENT_BACKENDS = frozenset({"cpu", "gpu", "tpu"})
+one_pass = sys.argv.pop(1) == "xent_one_pass"
+losses.ONE_PASS_XENT_BACKENDS = frozenset({"cpu", "gpu", "tpu"} if one_pass else ())
 sys.argv = ["research.train", *sys.argv[1:]]
 runpy.run_module("research.train", run_name="__main__", alter_sys=True)
 '
 
-gpt2_runs() {  # each of $GPT2_RUNS, logged to $OUT/gpt2_bBATCH[_xent_one_pass].log
+gpt2_runs() {  # each of $GPT2_RUNS, logged to $OUT/gpt2_bBATCH[_xent_one_pass].log etc.
   local entry batch code name
   for entry in $GPT2_RUNS; do
     batch=${entry%%:*}
@@ -112,8 +115,8 @@ gpt2_runs() {  # each of $GPT2_RUNS, logged to $OUT/gpt2_bBATCH[_xent_one_pass].
     code=${code#:}
     name=gpt2_b$batch${code:+_$code}
     echo "-- $name"
-    if [ "$code" = xent_one_pass ]; then
-      timeout "${GPT2_LIMIT:-180}" "$PY" -c "$ONE_PASS_TRAIN" \
+    if [ -n "$code" ]; then
+      timeout "${GPT2_LIMIT:-180}" "$PY" -c "$XENT_TRAIN" "$code" \
         --config=experiments/shakespeare_char.py:size="$LM_SIZE" --workdir="$work/$name" \
         "${gpt2[@]}" --config.global_batch_size="$batch" > "$OUT/$name.log" 2>&1
     else

@@ -78,11 +78,12 @@ OPTION_SETS = {
 
 
 @contextlib.contextmanager
-def xent_one_pass():
+def xent_passes(one_pass: bool):
   """The cross-entropy's max, sum and the accuracy's argmax in one pass over the logits
-  (losses.logsumexp_argmax) on this backend, while the step is traced."""
+  (losses.logsumexp_argmax) or in two reductions and an argmax, on this backend, while
+  the step is traced (the default: losses.ONE_PASS_XENT_BACKENDS, one pass on GPUs)."""
   saved = losses.ONE_PASS_XENT_BACKENDS
-  losses.ONE_PASS_XENT_BACKENDS = frozenset({jax.default_backend()})
+  losses.ONE_PASS_XENT_BACKENDS = frozenset({jax.default_backend()} if one_pass else ())
   try:
     yield
   finally:
@@ -91,7 +92,10 @@ def xent_one_pass():
 
 # Code a variant traces its step with (also the third field of a VARIANTS entry): a new
 # program, so the variant builds its own step and state.
-CODE_OPTIONS = {"xent_one_pass": xent_one_pass}
+CODE_OPTIONS = {
+  "xent_one_pass": lambda: xent_passes(True),
+  "xent_two_pass": lambda: xent_passes(False),
+}
 
 
 def parse_variants(text: str) -> list[tuple[str, int, str]]:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers.xla import OPT_LEVEL
 
 from research import config as config_lib
 
@@ -16,9 +17,8 @@ from research import config as config_lib
 # test starts inherit it; those given an XLA_FLAGS of their own (the multi-device ones)
 # take it through helpers.xla.devices_flags. Speed figures come from research.bench,
 # never from a test. An XLA_FLAGS that sets the level keeps its own.
-_OPT_LEVEL = "--xla_backend_optimization_level"
-if _OPT_LEVEL not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_OPT_LEVEL}=1".strip()
+if OPT_LEVEL not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {OPT_LEVEL}=1".strip()
 
 
 @pytest.fixture(scope="session")

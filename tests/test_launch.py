@@ -111,7 +111,7 @@ def test_gpu_benchmark_script_runs_its_parts_on_the_cpu(tmp_path, tfds_data_dir)
     capture_output=True, text=True,
   )  # fmt: skip
   assert bad.returncode == 2
-  assert "GPT2_RUNS entry '64:fast': valid: BATCH or BATCH:xent_one_pass" in bad.stderr
+  assert "GPT2_RUNS entry '64:fast': valid: BATCH, BATCH:xent_one_pass or" in bad.stderr
   bad = subprocess.run(
     ["bash", script], env={**env, "PARTS": "profile bogus"}, capture_output=True, text=True
   )

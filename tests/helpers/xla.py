@@ -7,8 +7,8 @@ import os
 OPT_LEVEL = "--xla_backend_optimization_level"
 
 
-def devices_flags(devices: int, flags: str = "") -> str:
-  """`flags` for `devices` CPU devices, at this session's LLVM level (-O1, set by
+def devices_flags(devices: int) -> str:
+  """XLA_FLAGS for `devices` CPU devices at this session's LLVM level (-O1, set by
   conftest, unless $XLA_FLAGS set another): such processes compile as fast as the rest."""
   level = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith(OPT_LEVEL)]
-  return " ".join([flags, f"--xla_force_host_platform_device_count={devices}", *level]).strip()
+  return " ".join([f"--xla_force_host_platform_device_count={devices}", *level])
