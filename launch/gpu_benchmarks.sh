@@ -25,9 +25,9 @@
 # batch: BATCH (the loss as losses.ONE_PASS_XENT_BACKENDS says: one pass on GPUs), or
 # BATCH:xent_one_pass / BATCH:xent_two_pass for the loss's max, sum and argmax in one
 # pass over the logits, or in two reductions and an argmax, on every backend. On a
-# GPU, $OUT/clocks.csv samples the SM clock, power and temperature every second throughout (a clock that drops under
-# sustained load would explain research.train's windows running slower than a 10-step
-# burst of the bare step).
+# GPU, $OUT/clocks.csv samples the SM clock, power and temperature every second
+# throughout (a clock that drops under sustained load would explain research.train's
+# windows running slower than a 10-step burst of the bare step).
 #
 # Needs prepared TFDS data for mnist, fashion_mnist and tiny_shakespeare in
 # $TFDS_DATA_DIR (for a device machine, launch/gpu_prepare.sh makes it and the wheels).
@@ -91,11 +91,6 @@ part_profile() {
   grep -v "^[IWE][0-9]" "$OUT/lm_profile.log" | tail -n 40
 }
 
-train_gpt2() {  # NAME LIMIT [FLAGS...]: research.train in $work/NAME, logged to $OUT/NAME.log
-  timeout "$2" "$PY" -m research.train --config=experiments/shakespeare_char.py:size="$LM_SIZE" \
-    --workdir="$work/$1" "${gpt2[@]}" "${@:3}" > "$OUT/$1.log" 2>&1
-}
-
 # research.train with the cross-entropy in one pass over the logits (first argument
 # xent_one_pass) or in two (xent_two_pass) on every backend.
 XENT_TRAIN='
@@ -107,6 +102,15 @@ sys.argv = ["research.train", *sys.argv[1:]]
 runpy.run_module("research.train", run_name="__main__", alter_sys=True)
 '
 
+# NAME LIMIT [FLAGS...]: research.train in $work/NAME, logged to $OUT/NAME.log; with
+# $xent set (xent_one_pass or xent_two_pass), through XENT_TRAIN.
+train_gpt2() {
+  local train=(-m research.train)
+  [ -n "${xent:-}" ] && train=(-c "$XENT_TRAIN" "$xent")
+  timeout "$2" "$PY" "${train[@]}" --config=experiments/shakespeare_char.py:size="$LM_SIZE" \
+    --workdir="$work/$1" "${gpt2[@]}" "${@:3}" > "$OUT/$1.log" 2>&1
+}
+
 gpt2_runs() {  # each of $GPT2_RUNS, logged to $OUT/gpt2_bBATCH[_xent_one_pass].log etc.
   local entry batch code name
   for entry in $GPT2_RUNS; do
@@ -115,13 +119,7 @@ gpt2_runs() {  # each of $GPT2_RUNS, logged to $OUT/gpt2_bBATCH[_xent_one_pass].
     code=${code#:}
     name=gpt2_b$batch${code:+_$code}
     echo "-- $name"
-    if [ -n "$code" ]; then
-      timeout "${GPT2_LIMIT:-180}" "$PY" -c "$XENT_TRAIN" "$code" \
-        --config=experiments/shakespeare_char.py:size="$LM_SIZE" --workdir="$work/$name" \
-        "${gpt2[@]}" --config.global_batch_size="$batch" > "$OUT/$name.log" 2>&1
-    else
-      train_gpt2 "$name" "${GPT2_LIMIT:-180}" --config.global_batch_size="$batch"
-    fi
+    xent=$code train_gpt2 "$name" "${GPT2_LIMIT:-180}" --config.global_batch_size="$batch"
     echo "exit $?"
     grep -E "step .*MFU|TIMING\] (state init|first step)|^  attention:" "$OUT/$name.log" | sed 's/^.*\] //'
   done
