@@ -118,6 +118,10 @@ class Progress:
     self._last_step, self._last_time = first_step, time.perf_counter()
 
   def report(self, step: int) -> dict[str, float]:
+    """Speed over the steps since the last report; {} when none ran since (the first
+    step, which the meter starts after: its compile is not a rate)."""
+    if step == self._last_step:
+      return {}
     now = time.perf_counter()
     steps_per_sec = (step - self._last_step) / max(now - self._last_time, 1e-9)
     self._last_step, self._last_time = step, now
@@ -137,17 +141,19 @@ class Progress:
 
 
 def log_line(step: int, total: int, metrics: dict[str, float], speed: dict[str, float]) -> None:
-  eta = datetime.timedelta(seconds=int(speed["eta_sec"]))
   parts = [
     f"step {step}/{total}",
     f"loss={metrics['loss']:.4f}",
     f"lr={metrics['learning_rate']:.3g}",
-    f"examples/s={speed['examples_per_sec']:.0f}",
   ]
+  if not speed:  # no rate yet: the first step
+    logging.info("%s", " ".join(parts))
+    return
+  parts.append(f"examples/s={speed['examples_per_sec']:.0f}")
   if "tokens_per_sec" in speed:
     parts.append(f"tokens/s={speed['tokens_per_sec']:.0f}")
   if "tflops_per_device" in speed:
     parts.append(f"TFLOP/s/device={speed['tflops_per_device']:.3g}")
   if "mfu" in speed:
     parts.append(f"MFU={100 * speed['mfu']:.1f}%")
-  logging.info("%s ETA %s", " ".join(parts), eta)
+  logging.info("%s ETA %s", " ".join(parts), datetime.timedelta(seconds=int(speed["eta_sec"])))

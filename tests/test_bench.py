@@ -102,10 +102,23 @@ def test_unknown_section_is_one_clear_error(tmp_path):
 def test_progress_reports_tokens_flops_and_mfu():
   progress = metrics.Progress(0, 100, 8, tokens_per_step=8 * 64, flops_per_device_step=2e12,
                               peak_per_device=8e12)  # fmt: skip
-  speed = progress.report(0)
+  assert progress.report(0) == {}  # no step since the meter started: no rate, no ETA
+  speed = progress.report(5)
   assert set(speed) >= {"tokens_per_sec", "tflops_per_device", "mfu"}
   assert speed["mfu"] == pytest.approx(speed["tflops_per_device"] * 1e12 / 8e12)
   assert speed["tokens_per_sec"] == pytest.approx(speed["steps_per_sec"] * 512)
+
+
+def test_first_log_line_has_no_rate_or_eta(caplog):
+  caplog.set_level("INFO")
+  metrics.log_line(1, 10, {"loss": 2.5, "learning_rate": 0.0}, {})
+  metrics.log_line(
+    2, 10, {"loss": 2.4, "learning_rate": 0.1}, {"examples_per_sec": 8, "eta_sec": 9}
+  )
+  assert caplog.messages[-2:] == [
+    "step 1/10 loss=2.5000 lr=0",
+    "step 2/10 loss=2.4000 lr=0.1 examples/s=8 ETA 0:00:09",
+  ]
 
 
 def test_compiled_flops_is_xlas_count():
