@@ -10,7 +10,7 @@ def get_config(arg=None):
   options = config_lib.parse_arg(arg, epochs=5.0)
   config = config_lib.base()
   config.data.name = "fashion_mnist"
-  config.data.raw_dir = config_lib.raw_data_dir("fashion-mnist")
+  config.data.raw_dir = config_lib.raw_data_dir("fashion_mnist")
   config.model = config_lib.entry("model", "cnn")
   config.optimizer = config_lib.entry("optimizer", "adam", learning_rate=2e-3)
   config.schedule = config_lib.entry("schedule", "warmup_cosine", warmup_steps=200)

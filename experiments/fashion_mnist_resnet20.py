@@ -14,7 +14,7 @@ def get_config(arg=None):
   options = config_lib.parse_arg(arg, epochs=10.0, depth=20)
   config = config_lib.base()
   config.data.name = "fashion_mnist"
-  config.data.raw_dir = config_lib.raw_data_dir("fashion-mnist")
+  config.data.raw_dir = config_lib.raw_data_dir("fashion_mnist")
   config.data.pp_train = "pad(2)|random_crop(28)|flip_lr"
   config.model = config_lib.entry("model", "resnet_cifar", depth=options.depth)
   config.optimizer = config_lib.entry(

@@ -23,7 +23,7 @@ def get_config(arg=None):
   )
   config = config_lib.base()
   config.data.name = "fashion_mnist"
-  config.data.raw_dir = config_lib.raw_data_dir("fashion-mnist")
+  config.data.raw_dir = config_lib.raw_data_dir("fashion_mnist")
   config.data.pp_train = "pad(2)|random_crop(28)|flip_lr" if options.crop else "flip_lr"
   config.model = config_lib.entry(
     "model", "vit", patch_size=4, num_layers=6, num_heads=4, embed_dim=128, mlp_ratio=2,

@@ -15,7 +15,7 @@ def get_config(arg=None):
   options = config_lib.parse_arg(arg, epochs=10.0, layers=3, width=256)
   config = config_lib.base()
   config.data.name = "multi30k_de_en"
-  config.data.raw_dir = config_lib.raw_data_dir("multi30k")
+  config.data.raw_dir = config_lib.raw_data_dir(config.data.name)
   config.data.seq_len = 64  # tokens per sentence with BOS/EOS; the longest train pair has 57
   config.data.vocab_size = 8000
   config.data.eval_split = "test"

@@ -15,7 +15,7 @@ the same hyperparameters, without augmentation (flips do not suit digits).
 
 from research import config as config_lib
 
-DATA = {"mnist": "mnist", "fashion_mnist": "fashion-mnist", "digits": ""}
+DATA = ("mnist", "fashion_mnist", "digits")  # digits: scikit-learn's, no raw files
 
 
 def get_config(arg=None):
@@ -25,7 +25,7 @@ def get_config(arg=None):
   config = config_lib.base()
   config.seed = options.seed
   config.data.name = options.data
-  config.data.raw_dir = config_lib.raw_data_dir(DATA[options.data]) if DATA[options.data] else ""
+  config.data.raw_dir = config_lib.raw_data_dir(options.data)
   if options.model == "cnn":
     config.model = config_lib.entry("model", "cnn")
     config.optimizer = config_lib.entry("optimizer", "adam", learning_rate=2e-3)

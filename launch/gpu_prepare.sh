@@ -55,9 +55,8 @@ import numpy as np
 from research import config
 from research.data import sources, text
 
-RAW = {"tiny_shakespeare": "tinyshakespeare", "mnist": "mnist", "fashion_mnist": "fashion-mnist"}
 for name in sys.argv[1:]:
-  builder = sources.prepare(name, config.raw_data_dir(RAW[name]))
+  builder = sources.prepare(name, config.raw_data_dir(name))
   if name == "tiny_shakespeare":  # its splits' text, which research.data reads there
     text.load_texts(builder, sorted(builder.info.splits))  # without TensorFlow
   else:  # decoded once here; compressed, since they travel

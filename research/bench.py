@@ -77,7 +77,7 @@ def family_config(family: str, smoke: bool):
   if family in ("mlp", "mlp_host", "mlp_host_10", "cnn", "cnn_augment"):
     dataset = "fashion_mnist" if family == "cnn_augment" else "mnist"
     config.data.name = dataset
-    config.data.raw_dir = config_lib.raw_data_dir(dataset.replace("_", "-"))
+    config.data.raw_dir = config_lib.raw_data_dir(dataset)
     if family.startswith("mlp"):
       # mlp_host: ~0.15 ms steps, so the loop's own host time shows, as a GPU shows it
       # for small models (an H200 ran the 1024-wide MLP's step in 0.15 ms); _10: ten
@@ -96,7 +96,7 @@ def family_config(family: str, smoke: bool):
     # GPT-2 small's width and heads, 4 layers: what fits a 2-core CPU step in ~1 s.
     layers, heads, width, seq, batch = (1, 2, 32, 16, 4) if smoke else (4, 12, 768, 256, 8)
     config.data.name = "tiny_shakespeare"
-    config.data.raw_dir = config_lib.raw_data_dir("tinyshakespeare")
+    config.data.raw_dir = config_lib.raw_data_dir("tiny_shakespeare")
     config.data.eval_split = "validation"
     config.data.seq_len = seq
     config.model = config_lib.entry(

@@ -154,9 +154,21 @@ def entry(kind: str, name: str, **overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(section)
 
 
-def raw_data_dir(folder: str) -> str:
-  """Where the original files of a dataset are: $RESEARCH_RAW_DATA/folder, else
-  ../shared/data/folder beside the repository, else "" (download online)."""
+# Datasets whose original files sit in a folder not named after the dataset (the
+# folder names of ../shared/data/MANIFEST.tsv); any other dataset's folder is its name.
+RAW_FOLDERS = {
+  "fashion_mnist": "fashion-mnist",
+  "tiny_shakespeare": "tinyshakespeare",
+  "multi30k_de_en": "multi30k",
+  "multi30k_en_de": "multi30k",
+}
+
+
+def raw_data_dir(dataset: str) -> str:
+  """Where the original files of a dataset (its config.data.name) are:
+  $RESEARCH_RAW_DATA/folder, else ../shared/data/folder beside the repository, else ""
+  (download online); the folder is RAW_FOLDERS' entry, else the dataset's name."""
+  folder = RAW_FOLDERS.get(dataset, dataset)
   root = os.environ.get("RESEARCH_RAW_DATA")
   if root:
     return str(Path(root) / folder)

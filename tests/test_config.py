@@ -20,6 +20,19 @@ def test_every_experiment_loads_and_validates(path):
   config_lib.validate(config)
 
 
+def test_raw_data_dir_finds_each_datasets_folder(monkeypatch):
+  """Dataset names (config.data.name) map to the folders of ../shared/data/MANIFEST.tsv."""
+  manifest = Path(config_lib.REPO_ROOT.parent, "shared", "data", "MANIFEST.tsv").read_text()
+  folders = {line.split("\t")[0] for line in manifest.splitlines()[1:] if line}
+  names = ("mnist", "fashion_mnist", "tiny_shakespeare", "multi30k_de_en", "multi30k_en_de")
+  assert {Path(config_lib.raw_data_dir(name)).name for name in names} == folders
+  assert all(Path(config_lib.raw_data_dir(name)).is_dir() for name in names)
+  assert config_lib.raw_data_dir("cifar10") == ""  # not here: TFDS downloads it
+  monkeypatch.setenv("RESEARCH_RAW_DATA", "/data")
+  assert config_lib.raw_data_dir("fashion_mnist") == "/data/fashion-mnist"
+  assert config_lib.raw_data_dir("cifar10") == "/data/cifar10"
+
+
 def test_arg_selects_a_variant():
   config = config_lib.load_file(f"{config_lib.REPO_ROOT}/experiments/mnist_cnn.py:epochs=1")
   assert config.num_epochs == 1.0

@@ -25,7 +25,7 @@ def test_mnist_and_fashion_mnist_prepared_side_by_side_stay_apart(mnist, tfds_da
   from research import registry
 
   data_config = config_lib.base().data
-  data_config.raw_dir = config_lib.raw_data_dir("fashion-mnist")
+  data_config.raw_dir = config_lib.raw_data_dir("fashion_mnist")
   data_config.data_dir = tfds_data_dir
   fashion = registry.datasets.get("fashion_mnist")(data_config)
   # Fashion-MNIST is balanced: 6,000 train and 1,000 test images per class.

@@ -48,7 +48,7 @@ def test_tiny_shakespeare_is_prepared_by_tfds_from_the_original_file(tfds_data_d
   data_config = config_lib.base().data
   data_config.update(name="tiny_shakespeare", eval_split="validation", seq_len=64)
   data_config.raw_dir, data_config.data_dir = (
-    config_lib.raw_data_dir("tinyshakespeare"),
+    config_lib.raw_data_dir("tiny_shakespeare"),
     tfds_data_dir,
   )
   dataset = registry.datasets.get("tiny_shakespeare")(data_config)

@@ -142,7 +142,7 @@ def test_bucket_loader_is_a_function_of_the_step_and_splits_over_processes():
 
 @pytest.fixture(scope="session")
 def multi30k_data_dir(tmp_path_factory):
-  raw_dir = config_lib.raw_data_dir("multi30k")
+  raw_dir = config_lib.raw_data_dir("multi30k_de_en")
   assert raw_dir, "the real Multi30K files are needed in ../shared/data/multi30k"
   return raw_dir, str(tmp_path_factory.mktemp("tfds_multi30k"))
 
