@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from research import config as config_lib
 from research.data import sources
 
 
@@ -93,3 +96,43 @@ def test_prepared_arrays_are_cached_and_later_loads_skip_tensorflow(mnist, tfds_
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip() == "False"  # no TensorFlow import: read from the cache
   np.testing.assert_array_equal(np.load(out), mnist.eval["inputs"])
+
+
+PREPARE_AT_ONCE = """
+import sys, time
+from pathlib import Path
+from research import config
+from research.data import sources, text
+sources._import_tfds()  # TensorFlow imported before the start: both prepare at once
+print("ready", flush=True)
+while not Path(sys.argv[2]).exists():
+  time.sleep(0.01)
+builder = sources.prepare("tiny_shakespeare", config.raw_data_dir("tiny_shakespeare"), sys.argv[1])
+print(len(text.load_texts(builder, ["train"])["train"]))
+"""
+
+
+def test_processes_preparing_one_dataset_at_once_take_turns(tmp_path):
+  """Two processes prepare one dataset in one fresh data_dir at the same moment (runs of
+  a sweep started together): both succeed, one prepared folder is left. Without the lock,
+  TFDS's rename of the second finished folder fails (measured: FileExistsError)."""
+  data_dir, go = tmp_path / "tfds", tmp_path / "go"
+  processes = [
+    subprocess.Popen(
+      [sys.executable, "-c", PREPARE_AT_ONCE, str(data_dir), str(go)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      cwd=config_lib.REPO_ROOT,
+    )  # fmt: skip
+    for _ in range(2)
+  ]
+  for process in processes:
+    assert process.stdout.readline().strip() == "ready", process.stderr.read()[-3000:]
+  go.touch()
+  results = [process.communicate(timeout=300) for process in processes]
+  for process, (_, err) in zip(processes, results, strict=True):
+    assert process.returncode == 0, err[-3000:]
+  lengths = [int(out.split()[-1]) for out, _ in results]  # after TFDS's own lines
+  assert lengths[0] == lengths[1] > 1_000_000 * 0.8
+  assert [p.name for p in (data_dir / "tiny_shakespeare").iterdir()] == ["1.0.0"]

@@ -9,6 +9,7 @@ same builder downloads. TensorFlow and TFDS are imported only here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -102,22 +103,50 @@ def prepare(tfds_name: str, raw_dir: str = "", data_dir: str = "", file_format=N
   builder = tfds.builder(tfds_name, data_dir=data_dir or None, **kwargs)
   if builder.is_prepared():
     return builder
-  _import_tfds()
-  if raw_dir:
-    verify_raw_files(builder, raw_dir)
-    download_config = tfds.download.DownloadConfig(manual_dir=raw_dir)
-  else:
-    download_config = tfds.download.DownloadConfig()
-  # TFDS names the files it extracts from manual_dir after the file alone, in a
-  # `downloads/extracted` folder shared by all datasets: MNIST's and
-  # Fashion-MNIST's identically named files would overwrite each other. A
-  # download folder per dataset keeps them apart.
-  data_root = Path(builder.data_dir)
-  for _ in builder.info.full_name.split("/"):
-    data_root = data_root.parent
-  download_dir = data_root / "downloads" / builder.info.full_name.replace("/", "_")
-  builder.download_and_prepare(download_dir=download_dir, download_config=download_config)
+  with preparing(builder):
+    if builder.is_prepared():  # by another process while this one waited
+      return tfds.builder(tfds_name, data_dir=data_dir or None, **kwargs)
+    _import_tfds()
+    if raw_dir:
+      verify_raw_files(builder, raw_dir)
+      download_config = tfds.download.DownloadConfig(manual_dir=raw_dir)
+    else:
+      download_config = tfds.download.DownloadConfig()
+    # TFDS names the files it extracts from manual_dir after the file alone, in a
+    # `downloads/extracted` folder shared by all datasets: MNIST's and
+    # Fashion-MNIST's identically named files would overwrite each other. A
+    # download folder per dataset keeps them apart.
+    name = builder.info.full_name.replace("/", "_")
+    download_dir = data_root(builder) / "downloads" / name
+    builder.download_and_prepare(download_dir=download_dir, download_config=download_config)
   return builder
+
+
+def data_root(builder) -> Path:
+  """The TFDS data_dir a builder's dataset folder (name[/config]/version) sits in."""
+  root = Path(builder.data_dir)
+  for _ in builder.info.full_name.split("/"):
+    root = root.parent
+  return root
+
+
+@contextlib.contextmanager
+def preparing(builder):
+  """Holds an exclusive lock on data_dir/.NAME.lock while the dataset is prepared:
+  processes preparing it at once in one fresh data_dir (runs of a sweep started
+  together, test workers) take turns, and the later ones find it prepared, where
+  TFDS's rename of its finished folder would fail in all but the first. Local folders
+  only (flock); a cloud data_dir is prepared unlocked."""
+  if "://" in str(builder.data_dir):
+    yield
+    return
+  import fcntl
+
+  root = data_root(builder)
+  root.mkdir(parents=True, exist_ok=True)
+  with open(root / f".{builder.info.full_name.replace('/', '_')}.lock", "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    yield
 
 
 def check_split(builder, split: str) -> None:

@@ -46,8 +46,12 @@ def prepare_multi30k(raw_dir: str, data_dir: str = ""):
     )
   for name, expected in sorted(multi30k_builder.SHA256.items()):
     sources.verify_raw_file(Path(raw_dir) / name, expected, "multi30k")
-  sources._import_tfds()
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=raw_dir))
+  with sources.preparing(builder):
+    if builder.is_prepared():  # by another process while this one waited
+      return multi30k_builder.Multi30kEnDe(data_dir=data_dir or None)
+    sources._import_tfds()
+    download_config = tfds.download.DownloadConfig(manual_dir=raw_dir)
+    builder.download_and_prepare(download_config=download_config)
   return builder
 
 
