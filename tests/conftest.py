@@ -23,8 +23,16 @@ if OPT_LEVEL not in os.environ.get("XLA_FLAGS", ""):
 
 @pytest.fixture(scope="session")
 def tfds_data_dir(tmp_path_factory) -> str:
-  """$TFDS_DATA_DIR when set (reuse prepared data), else a fresh directory for this session."""
-  return os.environ.get("TFDS_DATA_DIR") or str(tmp_path_factory.mktemp("tensorflow_datasets"))
+  """$TFDS_DATA_DIR when set (reuse prepared data), else a fresh directory for this run,
+  one for all its pytest-xdist workers (sources.prepare makes them take turns)."""
+  if os.environ.get("TFDS_DATA_DIR"):
+    return os.environ["TFDS_DATA_DIR"]
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp is the run's folder / the worker's
+    root = root.parent
+  path = root / "tensorflow_datasets"
+  path.mkdir(exist_ok=True)
+  return str(path)
 
 
 @pytest.fixture(scope="session")
