@@ -22,9 +22,11 @@
 # BENCH_LIMIT (270). GPT2_EXTRA: more flags for the gpt2 run; GPT2_RETRY=0: no retry
 # with XLA's attention after a failed gpt2 run. GPT2_RUNS="128 128:xent_two_pass": one
 # research.train run each (GPT2_LIMIT each, no retry) instead of one at the config's
-# batch: BATCH (the loss as losses.ONE_PASS_XENT_BACKENDS says: one pass on GPUs), or
-# BATCH:xent_one_pass / BATCH:xent_two_pass for the loss's max, sum and argmax in one
-# pass over the logits, or in two reductions and an argmax, on every backend. On a
+# batch, in the order given: BATCH (the loss as losses.ONE_PASS_XENT_BACKENDS says: one
+# pass on GPUs), then any of :xent_one_pass / :xent_two_pass (the loss's max, sum and
+# argmax in one pass over the logits, or in two reductions and an argmax, on every
+# backend) and :triton_off (XLA's GEMMs on cuBLAS, not Triton). An entry given again
+# (A/B runs alternating) logs to NAME_2.log, NAME_3.log and so on. On a
 # GPU, $OUT/clocks.csv samples the SM clock, power and temperature every second
 # throughout (a clock that drops under sustained load would explain research.train's
 # windows running slower than a 10-step burst of the bare step).
@@ -47,8 +49,8 @@ for part in $PARTS; do  # all checked before anything runs
   esac
 done
 for entry in ${GPT2_RUNS:-}; do
-  if ! [[ "$entry" =~ ^[1-9][0-9]*(:xent_one_pass|:xent_two_pass)?$ ]]; then
-    echo "GPT2_RUNS entry '$entry': valid: BATCH, BATCH:xent_one_pass or BATCH:xent_two_pass" >&2
+  if ! [[ "$entry" =~ ^[1-9][0-9]*(:xent_one_pass|:xent_two_pass)?(:triton_off)?$ ]]; then
+    echo "GPT2_RUNS entry '$entry': valid: BATCH[:xent_one_pass|:xent_two_pass][:triton_off]" >&2
     exit 2
   fi
 done
@@ -112,14 +114,26 @@ train_gpt2() {
 }
 
 gpt2_runs() {  # each of $GPT2_RUNS, logged to $OUT/gpt2_bBATCH[_xent_one_pass].log etc.
-  local entry batch code name
+  local entry batch code base name flags used=" " n
   for entry in $GPT2_RUNS; do
     batch=${entry%%:*}
     code=${entry#"$batch"}
     code=${code#:}
-    name=gpt2_b$batch${code:+_$code}
+    base=gpt2_b$batch${code:+_${code//:/_}}
+    name=$base
+    n=1
+    while [[ "$used" == *" $name "* ]]; do
+      n=$((n + 1))
+      name=${base}_$n
+    done
+    used+="$name "
+    flags=${XLA_FLAGS:-}
+    [[ "$code" == *triton_off ]] && flags+=" --xla_gpu_enable_triton_gemm=false"
+    code=${code%triton_off}
     echo "-- $name"
-    xent=$code train_gpt2 "$name" "${GPT2_LIMIT:-180}" --config.global_batch_size="$batch"
+    echo "XLA_FLAGS=$flags"
+    XLA_FLAGS=$flags xent=${code%:} train_gpt2 "$name" "${GPT2_LIMIT:-180}" \
+      --config.global_batch_size="$batch"
     echo "exit $?"
     grep -E "step .*MFU|TIMING\] (state init|first step)|^  attention:" "$OUT/$name.log" | sed 's/^.*\] //'
   done

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -99,19 +100,25 @@ def test_gpu_benchmark_script_runs_its_parts_on_the_cpu(tmp_path, tfds_data_dir)
   )  # fmt: skip
   assert gpt2.returncode == 0 and "exit 0" in gpt2.stdout, gpt2.stdout + gpt2.stderr
   assert "size=gpt2_124m" in gpt2.stdout and "step 4/4" in gpt2.stdout
-  # GPT2_RUNS: one run per batch, the one-pass cross-entropy as a run of its own.
+  # GPT2_RUNS: one run per entry, the one-pass cross-entropy and Triton's GEMMs off as
+  # options; an entry given twice logs to a second file.
+  entry = "2:xent_one_pass:triton_off"
   runs = subprocess.run(
-    ["bash", script], env={**env, "PARTS": "gpt2", "GPT2_RUNS": "2:xent_one_pass"},
+    ["bash", script], env={**env, "PARTS": "gpt2", "GPT2_RUNS": f"{entry} {entry}"},
     capture_output=True, text=True, timeout=600,
   )  # fmt: skip
-  assert runs.returncode == 0 and "-- gpt2_b2_xent_one_pass\nexit 0" in runs.stdout, runs.stdout
-  assert "step 4/4" in (tmp_path / "gpt2_b2_xent_one_pass.log").read_text()
+  assert runs.returncode == 0, runs.stdout + runs.stderr
+  for name in ("gpt2_b2_xent_one_pass_triton_off", "gpt2_b2_xent_one_pass_triton_off_2"):
+    assert re.search(
+      f"-- {name}\nXLA_FLAGS=.* --xla_gpu_enable_triton_gemm=false\nexit 0", runs.stdout
+    )
+    assert "step 4/4" in (tmp_path / f"{name}.log").read_text()
   bad = subprocess.run(
     ["bash", script], env={**env, "PARTS": "gpt2", "GPT2_RUNS": "64:fast"},
     capture_output=True, text=True,
   )  # fmt: skip
   assert bad.returncode == 2
-  assert "GPT2_RUNS entry '64:fast': valid: BATCH, BATCH:xent_one_pass or" in bad.stderr
+  assert "GPT2_RUNS entry '64:fast': valid: BATCH[:xent_one_pass|:xent_two_pass]" in bad.stderr
   bad = subprocess.run(
     ["bash", script], env={**env, "PARTS": "profile bogus"}, capture_output=True, text=True
   )
