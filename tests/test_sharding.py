@@ -146,47 +146,56 @@ def _mesh_runs(tmp_path, devices, specs, tfds_data_dir, raw_dir, workroot="runs"
   return json.loads(out.read_text())
 
 
-def test_dp_fsdp_tp_losses_equal_one_device(mnist, tfds_data_dir, mnist_raw_dir, tmp_path):
+# Lines of each model's sharding table on a mesh (runs_8/MODEL_DATA_FSDP_MODEL/sharding.md):
+# tensor parallel splits the dense layers over `model`; FSDP shards the convolutions.
+SHARDING_LINES = {
+  ("cnn", "tp"): [
+    "| fc1/kernel | (9216, 128) | (embed, mlp) | (fsdp, model) | 2,359,296 |",
+    "| head/kernel | (128, 10) | (mlp, classes) | (model, -) | 2,560 |",
+  ],
+  ("cnn", "fsdp"): [
+    "| conv2/kernel | (3, 3, 32, 64) | (-, -, conv_in, conv_out) | (-, -, -, fsdp) | 18,432 |"
+  ],
+  ("lm", "tp"): [
+    "| block_0_attention/query | (64, 4, 16) | (embed, heads, kv) | (fsdp, model, -) |",
+    "| block_1_mlp/fc_out/kernel | (256, 64) | (mlp, embed) | (model, fsdp) |",
+  ],
+  ("mlp", "fsdp"): ["| hidden_0/kernel | (784, 128) | (embed, mlp) | (fsdp, model) | 100,352 |"],
+}
+
+
+# One test per model (pytest-xdist spreads them over its workers).
+@pytest.mark.parametrize("model", ["mlp", "cnn", "lm", "resnet", "vit"])
+def test_dp_fsdp_tp_losses_equal_one_device(
+  model, mnist, tfds_data_dir, mnist_raw_dir, tmp_path
+):  # fmt: skip
   del mnist  # prepared by the session fixture
-  models = ("mlp", "cnn", "lm", "resnet", "vit")
-  one = _mesh_runs(tmp_path, 1, [f"{m}:1,1,1" for m in models], tfds_data_dir, mnist_raw_dir)
-  specs = [f"{model}:{mesh}" for model in models for mesh in MESHES.values()]
+  one = _mesh_runs(tmp_path, 1, [f"{model}:1,1,1"], tfds_data_dir, mnist_raw_dir)
+  specs = [f"{model}:{mesh}" for mesh in MESHES.values()]
   eight = _mesh_runs(tmp_path, 8, specs, tfds_data_dir, mnist_raw_dir)
-  for model in models:
-    reference = one[f"{model}:1,1,1"]
-    assert len(reference) == 50
-    # The ResNet's first convolution gradient after the stem sums ~25k terms that
-    # cancel: 8 devices sum them in another order and differ by 3e-5 relative at
-    # init (measured), which BatchNorm and momentum amplify. Measured against one
-    # device: steps 1-8 within 1.1e-6 on every mesh; from step 9 the 8-way
-    # reductions (data 8, and data 2 x fsdp 4) drift, 1.2e-4 by step 12 and 6.5e-3
-    # at most over 50 steps, while data 4 x model 2 holds 1e-7 to step 12. Steps
-    # 1-8 at 1e-5; step 1 alone shows a BatchNorm that averaged per device
-    # instead of over the global batch. All 50 steps must stay within 2e-2.
-    # The CNN's trajectory amplifies the same 1e-7 differences in some draws of its
-    # dropout masks: over seeds 0-12 on 8-way data parallel (same masks on both, by
-    # checksum), the loss drifted beyond 1e-5 within 50 steps for 4 seeds with
-    # 32-bit masks and 7 with layers.dropout_mask's packed ones (seed 0 among
-    # them: 1.5e-6 at step 12, 3.8e-4 at most), never beyond 1e-6 before step 11.
-    steps = {"resnet": 8, "cnn": 10}.get(model, 50)
-    for name, mesh in MESHES.items():
-      losses = eight[f"{model}:{mesh}"]
-      assert losses[:steps] == pytest.approx(reference[:steps], rel=1e-5), (model, name)
-      assert losses == pytest.approx(reference, rel=2e-2), (model, name)
-  # Tensor parallel splits the dense layers over `model`; FSDP shards the convolutions.
-  tp_cnn = (tmp_path / "runs_8" / "cnn_4_1_2" / "sharding.md").read_text()
-  assert "| fc1/kernel | (9216, 128) | (embed, mlp) | (fsdp, model) | 2,359,296 |" in tp_cnn
-  assert "| head/kernel | (128, 10) | (mlp, classes) | (model, -) | 2,560 |" in tp_cnn
-  fsdp_cnn = (tmp_path / "runs_8" / "cnn_2_4_1" / "sharding.md").read_text()
-  conv2 = "| conv2/kernel | (3, 3, 32, 64) | (-, -, conv_in, conv_out) | (-, -, -, fsdp) | 18,432 |"
-  assert conv2 in fsdp_cnn
-  tp_lm = (tmp_path / "runs_8" / "lm_4_1_2" / "sharding.md").read_text()
-  assert (
-    "| block_0_attention/query | (64, 4, 16) | (embed, heads, kv) | (fsdp, model, -) |" in tp_lm
-  )
-  assert "| block_1_mlp/fc_out/kernel | (256, 64) | (mlp, embed) | (model, fsdp) |" in tp_lm
-  fsdp_table = (tmp_path / "runs_8" / "mlp_2_4_1" / "sharding.md").read_text()
-  assert "| hidden_0/kernel | (784, 128) | (embed, mlp) | (fsdp, model) | 100,352 |" in fsdp_table
+  reference = one[f"{model}:1,1,1"]
+  assert len(reference) == 50
+  # The ResNet's first convolution gradient after the stem sums ~25k terms that
+  # cancel: 8 devices sum them in another order and differ by 3e-5 relative at
+  # init (measured), which BatchNorm and momentum amplify. Measured against one
+  # device: steps 1-8 within 1.1e-6 on every mesh; from step 9 the 8-way
+  # reductions (data 8, and data 2 x fsdp 4) drift, 1.2e-4 by step 12 and 6.5e-3
+  # at most over 50 steps, while data 4 x model 2 holds 1e-7 to step 12. Steps
+  # 1-8 at 1e-5; step 1 alone shows a BatchNorm that averaged per device
+  # instead of over the global batch. All 50 steps must stay within 2e-2.
+  # The CNN's trajectory amplifies the same 1e-7 differences in some draws of its
+  # dropout masks: over seeds 0-12 on 8-way data parallel (same masks on both, by
+  # checksum), the loss drifted beyond 1e-5 within 50 steps for 4 seeds with
+  # 32-bit masks and 7 with layers.dropout_mask's packed ones (seed 0 among
+  # them: 1.5e-6 at step 12, 3.8e-4 at most), never beyond 1e-6 before step 11.
+  steps = {"resnet": 8, "cnn": 10}.get(model, 50)
+  for name, mesh in MESHES.items():
+    losses = eight[f"{model}:{mesh}"]
+    assert losses[:steps] == pytest.approx(reference[:steps], rel=1e-5), name
+    assert losses == pytest.approx(reference, rel=2e-2), name
+    table = (tmp_path / "runs_8" / f"{model}_{mesh.replace(',', '_')}" / "sharding.md").read_text()
+    for line in SHARDING_LINES.get((model, name), []):
+      assert line in table, (name, line)
 
 
 def test_checkpoint_restores_across_meshes(mnist, tfds_data_dir, mnist_raw_dir, tmp_path):
