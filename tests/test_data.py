@@ -24,7 +24,6 @@ def test_mnist_is_prepared_by_tfds_from_the_original_files(mnist):
 
 def test_mnist_and_fashion_mnist_prepared_side_by_side_stay_apart(mnist, tfds_data_dir):
   """Both ship files with the same names; TFDS must not mix them up in one data_dir."""
-  from research import config as config_lib
   from research import registry
 
   data_config = config_lib.base().data
@@ -76,11 +75,6 @@ def test_damaged_raw_file_is_a_checksum_mismatch(mnist_raw_dir, tmp_path):
 
 
 def test_prepared_arrays_are_cached_and_later_loads_skip_tensorflow(mnist, tfds_data_dir):
-  import subprocess
-  import sys
-
-  from research import config as config_lib
-
   probe = (
     "import sys, numpy as np\n"
     "from research.data import sources\n"
