@@ -114,6 +114,9 @@ def base() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.max_to_keep = 3
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+  # JAX's profiler over train steps start_step.. (as the log numbers them; step 1
+  # compiles) into WORKDIR/tensorboard (research/profiling.py); 0: no profile.
+  config.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=3))
   # Logical axis name -> mesh axes; () replicates. Models name their parameter axes.
   config.sharding_rules = ml_collections.ConfigDict(
     dict(
@@ -381,6 +384,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     config.eval_every_steps > 0 or config.eval_every_steps == -1,
     f"config.eval_every_steps={config.eval_every_steps}: must be > 0, or -1 for the end only",
   )
+  profile = config.profile
+  _require(
+    profile.start_step >= 0,
+    f"config.profile.start_step={profile.start_step}: must be >= 1, or 0 for no profile",
+  )
+  _require(profile.num_steps > 0, f"config.profile.num_steps={profile.num_steps}: must be > 0")
   for logical, axes in config.sharding_rules.items():
     _require(
       isinstance(axes, (tuple, list)) and all(a in MESH_AXES for a in axes),

@@ -139,6 +139,10 @@ class Progress:
         speed["mfu"] = speed["tflops_per_device"] * 1e12 / self.peak_per_device
     return speed
 
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` of the loop's time (spent on something else) out of the rate."""
+    self._last_time += seconds
+
 
 def log_line(step: int, total: int, metrics: dict[str, float], speed: dict[str, float]) -> None:
   parts = [

@@ -44,6 +44,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a 
 # Where a run executes, not what it computes: a workdir may resume with other values.
 DEPLOYMENT_KEYS = (
   "data.raw_dir", "data.data_dir", "mesh.data", "mesh.fsdp", "mesh.model", "steps_per_dispatch",
+  "profile.start_step", "profile.num_steps",
 )  # fmt: skip
 USAGE_ERRORS = (config_lib.ConfigError, registry.UnknownNameError)
 EXIT_USAGE = 2
@@ -230,7 +231,7 @@ def train_and_evaluate(
 
   import jax
 
-  from research import checkpoint, evaluators, parallel, sharding
+  from research import checkpoint, evaluators, parallel, profiling, sharding
   from research import metrics as metrics_lib
   from research.preemption import PreemptionWatcher
   from research.versions import versions
@@ -284,10 +285,16 @@ def train_and_evaluate(
 
   boundaries = [config.log_every_steps, config.checkpoint_every_steps]
   boundaries += [config.eval_every_steps] if config.eval_every_steps > 0 else []
+  trace = profiling.StepTrace(
+    config.profile, workdir / "tensorboard", start_step, enabled=process_index == 0
+  )
 
   def steps_from(step: int) -> int:
-    """Steps in the call starting after `step`: up to the next log, eval, save or end."""
-    return min(per_call, total_steps - step, *(every - step % every for every in boundaries))
+    """Steps in the call starting after `step`: up to the next log, eval, save, profile
+    edge or end."""
+    periodic = (every - step % every for every in boundaries)
+    edges = (edge - step for edge in trace.edges(step))
+    return min(per_call, total_steps - step, *periodic, *edges)
 
   if feeder.device_resident:
     held_step = int(jax.device_get(state.step))
@@ -308,11 +315,12 @@ def train_and_evaluate(
   preemption = PreemptionWatcher()
   t_loop = time.perf_counter()
   try:
-    step, calls = start_step, 0
+    step, calls, progress = start_step, 0, None  # the speed meter starts after the first call
     while step < total_steps:
       count = steps_from(step)
       feed = feeder(step, count)  # the batch, or the arrays on the device the step gathers from
       train_step = jitted(count)
+      trace.before(step, sums)
       if step == start_step:  # XLA's FLOP count for MFU; the call below reuses this compile
         t_lower = time.perf_counter()
         lowered = train_step.lower(state, sums, *feed)
@@ -327,6 +335,9 @@ def train_and_evaluate(
       state, sums = train_step(state, sums, *feed)  # a new shape (length buckets) retraces
       ckpt.check()  # a failed background save stops the run here, not at the next save
       done = step + count
+      writing = trace.after(done, sums)
+      if writing and progress is not None:  # the speed meter leaves the trace's writing out
+        progress.exclude(writing)
       if step == start_step:
         jax.block_until_ready(sums)
         logging.info(
@@ -393,6 +404,7 @@ def train_and_evaluate(
       )
     return final
   finally:  # every way out waits for in-flight saves (an exit during one hangs Orbax)
+    trace.stop()
     preemption.close()
     ckpt.close()
     writer.close()

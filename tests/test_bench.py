@@ -109,6 +109,15 @@ def test_progress_reports_tokens_flops_and_mfu():
   assert speed["tokens_per_sec"] == pytest.approx(speed["steps_per_sec"] * 512)
 
 
+def test_progress_leaves_excluded_time_out_of_the_rate(monkeypatch):
+  clock = iter([0.0, 10.0, 30.0])  # the meter starts at 0; reports at 10 s and 30 s
+  monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+  progress = metrics.Progress(0, 100, 8)
+  assert progress.report(10)["steps_per_sec"] == pytest.approx(1.0)
+  progress.exclude(10.0)  # e.g. writing a profile's trace
+  assert progress.report(20)["steps_per_sec"] == pytest.approx(1.0)  # 10 steps in 20 - 10 s
+
+
 def test_first_log_line_has_no_rate_or_eta(monkeypatch):
   lines = []  # absl's handlers vary with what ran before in this process: record the calls
   monkeypatch.setattr(metrics.logging, "info", lambda fmt, *args: lines.append(fmt % args))

@@ -101,6 +101,58 @@ def test_workdir_with_another_config_is_refused(config, tmp_path):
   assert (tmp_path / "config.json").read_text() == before
 
 
+def _traced_calls(workdir, function: str) -> list[int]:
+  """Calls of the jitted `function` in each of the workdir's profiles (JAX's event
+  `PjitFunction(NAME)`, nested ones counted once)."""
+  import jax
+
+  counts = []
+  for path in sorted((workdir / "tensorboard").glob("plugins/profile/*/*.xplane.pb")):
+    calls, open_until = 0, -1.0
+    for plane in jax.profiler.ProfileData.from_file(str(path)).planes:
+      for line in plane.lines:
+        events = sorted(line.events, key=lambda e: e.start_ns)
+        for event in (e for e in events if e.name == f"PjitFunction({function})"):
+          if event.start_ns >= open_until:
+            calls, open_until = calls + 1, event.start_ns + event.duration_ns
+    counts.append(calls)
+  return counts
+
+
+def test_profile_traces_the_chosen_steps_and_changes_nothing(config, tmp_path, monkeypatch):
+  """config.profile.start_step=4, num_steps=3: one trace in WORKDIR/tensorboard holding
+  exactly three calls of the train step, and the run's results unchanged. A run resumed
+  after those steps traces nothing, and the profile keys may change on resume. With
+  several steps per call, the calls stop at the trace's edges."""
+  config.num_train_steps, config.log_every_steps, config.eval_every_steps = 12, 12, -1
+  config.checkpoint_every_steps = 6
+  plain = train.train_and_evaluate(config, str(tmp_path / "plain"))
+  config.profile.start_step, config.profile.num_steps = 4, 3
+  traced = train.train_and_evaluate(config, str(tmp_path / "traced"))
+  assert traced == plain
+  assert _traced_calls(tmp_path / "traced", "fn") == [3]  # train.summing's step function
+  assert list((tmp_path / "traced" / "tensorboard").glob("plugins/profile/*/*.trace.json.gz"))
+  shutil.rmtree(tmp_path / "traced" / "checkpoints" / "12")
+  warnings = []
+  monkeypatch.setattr(
+    "research.profiling.logging.warning", lambda msg, *args: warnings.append(msg % args)
+  )
+  config.profile.start_step = 5  # resuming after step 6: steps 5-7 came before
+  assert train.train_and_evaluate(config, str(tmp_path / "traced")) == plain
+  assert _traced_calls(tmp_path / "traced", "fn") == [3]  # no second trace
+  assert warnings == [
+    "config.profile: steps 5-7 came before this run, which resumed after step 6; nothing traced"
+  ]
+  # Four steps per call: the calls stop where the trace begins and ends (steps 3-5).
+  config.profile.start_step, config.steps_per_dispatch = 3, 4
+  train.train_and_evaluate(config, str(tmp_path / "four"))
+  assert _traced_calls(tmp_path / "four", "fn_steps") == [1]
+  assert _traced_calls(tmp_path / "four", "fn") == [0]
+  config.profile.start_step = -1
+  with pytest.raises(config_lib.ConfigError, match=r"config.profile.start_step=-1: must be >= 1"):
+    train.train_and_evaluate(config, str(tmp_path / "bad"))
+
+
 def test_weight_average_is_evaluated_checkpointed_and_resumed(config, tmp_path):
   import jax
 
