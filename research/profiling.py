@@ -30,7 +30,10 @@ class StepTrace:
     self.end = self.start + profile_config.num_steps
     self.logdir = Path(logdir)
     self.started_at = None  # perf_counter() while tracing, else None
-    self.wanted = enabled and self.start >= 0
+    # Every process stops its calls at the edges (they must run the same calls: the
+    # steps' collectives and the preemption sync point), and `enabled` ones trace.
+    self.wanted = self.start >= 0
+    self.enabled = enabled
     if self.wanted and first_step > self.start:
       logging.warning(
         "config.profile: steps %d-%d came before this run, which resumed after step %d; "
@@ -45,7 +48,7 @@ class StepTrace:
   def before(self, step: int, outputs) -> None:
     """Called before the call that runs from `step`, with the outputs of the calls
     already dispatched: the trace waits for them, else it would time their steps too."""
-    if self.wanted and step == self.start and self.started_at is None:
+    if self.wanted and self.enabled and step == self.start and self.started_at is None:
       import jax
 
       jax.block_until_ready(outputs)

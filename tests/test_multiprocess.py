@@ -38,8 +38,10 @@ def test_two_processes_match_one(mnist, tfds_data_dir, mnist_raw_dir, tmp_path):
   )  # fmt: skip
   assert single.returncode == 0, single.stderr[-3000:]
   # ... and four steps per jitted call there (calls of 4, 4, 2 between log lines), each
-  # with its four steps' crops and flips
+  # with its four steps' crops and flips; a profile of steps 7-9 splits calls on every
+  # process (else they would run different programs) and process 0 traces
   flags = [*_flags(tmp_path / "two", tfds_data_dir, mnist_raw_dir), "--config.steps_per_dispatch=4"]
+  flags += ["--config.profile.start_step=7"]
   double = subprocess.run(
     ["bash", str(LAUNCHER), "2", *flags],
     capture_output=True, text=True, cwd=config_lib.REPO_ROOT, env=_env(), timeout=600,
@@ -55,6 +57,7 @@ def test_two_processes_match_one(mnist, tfds_data_dir, mnist_raw_dir, tmp_path):
   assert accuracy(two) == pytest.approx(accuracy(one), abs=2e-4)
   steps = sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir())
   assert steps == ["100", "200"]  # both processes took part in each save
+  assert len(list((tmp_path / "two" / "tensorboard").glob("plugins/profile/*/*.xplane.pb"))) == 1
 
 
 def test_launcher_rejects_a_bad_process_count(tmp_path):

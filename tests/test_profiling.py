@@ -18,7 +18,10 @@ def test_edges_are_where_calls_stop_in_the_loops_terms(tmp_path):
   assert trace.edges(3) == [6]
   assert trace.edges(6) == []
   assert _trace(tmp_path, 0, 3).edges(0) == []  # 0: no profile
-  assert _trace(tmp_path, 4, 3, enabled=False).edges(0) == []  # another process than 0
+  other_process = _trace(tmp_path, 4, 3, enabled=False)  # stops its calls there too
+  assert other_process.edges(0) == [3, 6]
+  other_process.before(3, None)
+  assert other_process.started_at is None  # but does not trace
 
 
 def test_trace_waits_for_dispatched_steps_before_it_begins_and_its_own_before_it_ends(
