@@ -135,8 +135,16 @@ def build(config, before_data=None) -> Experiment:
   init = functools.partial(
     step_lib.init_state, model, tx, rng_for(config.seed, "params"), dataset.eval["inputs"][:1]
   )
+  try:
+    boxed_shape = jax.eval_shape(functools.partial(init, boxed=True))
+  except ValueError as e:  # a model names its bad setting "model.KEY=...": the config's
+    first_line = str(e).splitlines()[0] if str(e) else ""
+    if "model." not in first_line:
+      raise
+    prefix = "config." if first_line.startswith("model.") else ""
+    raise config_lib.ConfigError(prefix + first_line) from None
   state_shape, state_sharding, rows = sharding.state_shardings(
-    jax.eval_shape(functools.partial(init, boxed=True)), mesh, config.sharding_rules
+    boxed_shape, mesh, config.sharding_rules
   )
   derived["num_params"] = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state_shape.params)))
   derived["mesh"] = dict(mesh.shape)

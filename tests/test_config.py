@@ -143,6 +143,22 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
   assert not workdir.exists()  # nothing written for bad input
 
 
+def test_cli_bad_model_setting_is_one_line(tmp_path, mnist, tfds_data_dir, mnist_raw_dir):
+  """A value the model itself refuses when built (here a ViT patch that does not divide
+  MNIST's 28 x 28) is a config error: one line naming the key, exit 2, no workdir."""
+  del mnist  # prepared by the session fixture
+  result, workdir = _train_cli(
+    tmp_path, "--config=experiments/fashion_mnist_vit.py", "--config.data.name=mnist",
+    f"--config.data.data_dir={tfds_data_dir}", f"--config.data.raw_dir={mnist_raw_dir}",
+    "--config.model.patch_size=5",
+  )  # fmt: skip
+  assert result.returncode == 2, result.stderr[-2000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last == "error: config.model.patch_size=5 does not divide the image size 28x28"
+  assert "Traceback" not in result.stderr
+  assert not workdir.exists()
+
+
 def test_cli_missing_data_is_one_line_and_leaves_no_workdir(tmp_path):
   empty = tmp_path / "empty_raw"
   empty.mkdir()
