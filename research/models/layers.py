@@ -347,6 +347,29 @@ def conv(
   return Conv(features, kernel_size, padding, compute_dtype(dtype), strides, use_bias, name=name)
 
 
+REMAT_POLICIES = ("none", "full", "minimal")
+
+
+@functools.cache
+def remat(module_class, policy: str, static_argnums: tuple[int, ...] = ()):
+  """`module_class` with its activations recomputed in the backward pass instead of kept
+  (jax.checkpoint; MaxText's `remat_policy`), parameters and names unchanged.
+
+  "none": the class itself; "full": keeps only the module's inputs; "minimal": also
+  keeps the outputs of its matmuls without batch dimensions (the projections; the
+  attention's batched matmuls, softmax and activations are recomputed).
+  `static_argnums`: the call's Python arguments (`self` is 0).
+  """
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"model.remat={policy!r}: valid: {', '.join(REMAT_POLICIES)}")
+  if policy == "none":
+    return module_class
+  saveable = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  return nn.remat(
+    module_class, static_argnums=static_argnums, policy=saveable if policy == "minimal" else None
+  )
+
+
 def compute_dtype(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 

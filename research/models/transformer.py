@@ -265,6 +265,7 @@ class TransformerLM(nn.Module):
   tied_embeddings: bool = True
   attention: str = "einsum"  # "auto", "xla" or "cudnn": jax.nn.dot_product_attention
   pad_vocab_to: int = 0
+  remat: str = "none"  # "full" or "minimal": recompute activations in backward (layers.remat)
   dtype: str = "float32"
 
   @property
@@ -285,6 +286,8 @@ class TransformerLM(nn.Module):
       )
     if self.attention not in ATTENTION_IMPLS:
       raise ValueError(f"model.attention={self.attention!r}: valid: {', '.join(ATTENTION_IMPLS)}")
+    if self.remat not in layers.REMAT_POLICIES:
+      raise ValueError(f"model.remat={self.remat!r}: valid: {', '.join(layers.REMAT_POLICIES)}")
     if self.embed_dim % self.num_heads:
       raise ValueError(f"model.embed_dim={self.embed_dim} is not divisible by num_heads")
     length = tokens_BxL.shape[1]
@@ -309,15 +312,18 @@ class TransformerLM(nn.Module):
       x_BxLxD = x_BxLxD + jnp.take(table_LxD, positions_L, axis=0).astype(dtype)
     x_BxLxD = layers.Dropout(self.dropout, deterministic=not train)(x_BxLxD)
     x_BxLxD = layers.constrain(x_BxLxD, ("batch", None, "embed"))
+    policy = self.remat if train and not decode else "none"  # only a gradient needs it
+    attention = layers.remat(Attention, policy, static_argnums=(3, 4))  # train, decode
+    mlp = layers.remat(MLPBlock, policy)
     for i in range(self.num_layers):
       h_BxLxD = _norm(self.norm, f"block_{i}_norm_1")(x_BxLxD).astype(dtype)
-      h_BxLxD = Attention(
+      h_BxLxD = attention(
         self.num_heads, self.embed_dim // self.num_heads, self.positions, self.dropout,
         out_stddev, dtype, self.max_len, implementation=self.attention, name=f"block_{i}_attention",
       )(h_BxLxD, positions_L, train, decode)  # fmt: skip
       x_BxLxD = x_BxLxD + layers.Dropout(self.dropout, deterministic=not train)(h_BxLxD)
       h_BxLxD = _norm(self.norm, f"block_{i}_norm_2")(x_BxLxD).astype(dtype)
-      h_BxLxD = MLPBlock(self.mlp_ratio * self.embed_dim, out_stddev, dtype, name=f"block_{i}_mlp")(
+      h_BxLxD = mlp(self.mlp_ratio * self.embed_dim, out_stddev, dtype, name=f"block_{i}_mlp")(
         h_BxLxD
       )
       x_BxLxD = x_BxLxD + layers.Dropout(self.dropout, deterministic=not train)(h_BxLxD)
