@@ -144,20 +144,69 @@ class Progress:
     self._last_time += seconds
 
 
+def step_memory(compiled) -> dict[str, int]:
+  """XLA's plan for a compiled step on one device, in bytes: its `arguments` (the train
+  state and batch), `outputs`, the outputs `donated` into arguments' buffers,
+  `temporaries`, and `total` = arguments + outputs - donated + temporaries, MaxText's
+  count of the memory a step needs ({} where XLA gives no plan)."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return {}
+  plan = {
+    "arguments": stats.argument_size_in_bytes,
+    "outputs": stats.output_size_in_bytes,
+    "donated": stats.alias_size_in_bytes,
+    "temporaries": stats.temp_size_in_bytes,
+  }
+  plan["total"] = plan["arguments"] + plan["outputs"] - plan["donated"] + plan["temporaries"]
+  return plan
+
+
+def memory_line(plan: dict[str, int], device_stats: dict | None) -> str:
+  """One line of step_memory's plan, with the device's size where it reports one."""
+  line = (
+    f"train step per device, as XLA planned it: {_size(plan['total'])} (state and batch "
+    f"{_size(plan['arguments'])}, temporaries {_size(plan['temporaries'])}, outputs not "
+    f"donated {_size(plan['outputs'] - plan['donated'])})"
+  )
+  if device_stats and device_stats.get("bytes_limit"):
+    line += f"; the device has {_size(device_stats['bytes_limit'])}"
+  return line
+
+
+def _size(num_bytes: int) -> str:
+  for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    if num_bytes >= scale:
+      return f"{num_bytes / scale:.3g} {unit}"
+  return f"{num_bytes} B"
+
+
+def peak_memory(device_stats: dict | None) -> dict[str, float]:
+  """{"peak_memory_gb": ...} from a device's memory_stats() (GPUs, TPUs); {} where
+  there are none (the CPU)."""
+  if not device_stats or "peak_bytes_in_use" not in device_stats:
+    return {}
+  return {"peak_memory_gb": device_stats["peak_bytes_in_use"] / 1e9}
+
+
 def log_line(step: int, total: int, metrics: dict[str, float], speed: dict[str, float]) -> None:
+  """`speed`: Progress.report's (none on the first step, whose compile is not a rate)
+  and peak_memory's."""
   parts = [
     f"step {step}/{total}",
     f"loss={metrics['loss']:.4f}",
     f"lr={metrics['learning_rate']:.3g}",
   ]
-  if not speed:  # no rate yet: the first step
-    logging.info("%s", " ".join(parts))
-    return
-  parts.append(f"examples/s={speed['examples_per_sec']:.0f}")
+  if "examples_per_sec" in speed:
+    parts.append(f"examples/s={speed['examples_per_sec']:.0f}")
   if "tokens_per_sec" in speed:
     parts.append(f"tokens/s={speed['tokens_per_sec']:.0f}")
   if "tflops_per_device" in speed:
     parts.append(f"TFLOP/s/device={speed['tflops_per_device']:.3g}")
   if "mfu" in speed:
     parts.append(f"MFU={100 * speed['mfu']:.1f}%")
-  logging.info("%s ETA %s", " ".join(parts), datetime.timedelta(seconds=int(speed["eta_sec"])))
+  if "peak_memory_gb" in speed:
+    parts.append(f"peak_memory={speed['peak_memory_gb']:.3g}GB")
+  if "eta_sec" in speed:
+    parts.append(f"ETA {datetime.timedelta(seconds=int(speed['eta_sec']))}")
+  logging.info("%s", " ".join(parts))

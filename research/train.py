@@ -237,6 +237,7 @@ def train_and_evaluate(
   from research.versions import versions
 
   process_index, total_steps = exp.process_index, exp.total_steps
+  device = jax.local_devices()[0]  # its memory_stats(): GPUs and TPUs report, the CPU not
   # Data and the steps per call before the workdir is touched: a bad setting leaves no trace.
   train_loader = exp.dataset.train_loader(
     config.global_batch_size, config.seed, process_index, exp.process_count
@@ -330,6 +331,9 @@ def train_and_evaluate(
           "[TIMING] first step: trace + lower %.2fs, compile %.2fs",
           t_compile - t_lower, time.perf_counter() - t_compile,
         )  # fmt: skip
+        plan = metrics_lib.step_memory(first_compiled)
+        if plan:
+          logging.info("[MEMORY] %s", metrics_lib.memory_line(plan, device.memory_stats()))
         if count > 1:  # XLA counts a loop's body once: one step's count, not compiled
           first_compiled = jitted(1).lower(state, sums, *feed)
       state, sums = train_step(state, sums, *feed)  # a new shape (length buckets) retraces
@@ -363,7 +367,7 @@ def train_and_evaluate(
         averaged = {k: float(v) / steps for k, v in fetched["sum"].items() if k != "nonfinite"}
         averaged["nonfinite_steps"] = int(fetched["sum"]["nonfinite"])
         sums = new_sums()
-        speed = progress.report(done)
+        speed = {**progress.report(done), **metrics_lib.peak_memory(device.memory_stats())}
         writer.write(done, "train", {**averaged, **speed})
         if process_index == 0:
           metrics_lib.log_line(done, total_steps, averaged, speed)

@@ -137,14 +137,17 @@ def test_compiled_flops_is_xlas_count():
   assert flops.compiled_flops(compiled) == pytest.approx(2 * 64 * 32 * 16, rel=0.01)
 
 
-def test_train_logs_mfu_and_tokens(tmp_path, tfds_data_dir):
+def test_train_logs_mfu_tokens_and_the_steps_memory(tmp_path, tfds_data_dir, monkeypatch):
   from research import train
   from research.metrics import read_jsonl
 
   config, _ = bench.family_config("lm", smoke=True)
   config.data.data_dir = tfds_data_dir
   config.num_train_steps, config.log_every_steps = 4, 2
+  lines = []
+  monkeypatch.setattr(train.logging, "info", lambda fmt, *args: lines.append(str(fmt) % args))
   train.train_and_evaluate(config, str(tmp_path))
+  assert [line for line in lines if line.startswith("[MEMORY] train step per device")]
   logged = [r["metrics"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "train"]
   assert logged and all({"tokens_per_sec", "tflops_per_device", "mfu"} <= set(m) for m in logged)
   assert all(0 < m["mfu"] < 1 for m in logged)
@@ -338,3 +341,35 @@ def test_torch_twins_have_the_same_parameter_count_and_train(family, tfds_data_d
   torch_count = sum(p.numel() for p in trainer.model.parameters())
   assert torch_count == flax_count
   assert math.isfinite(hand.run(2))
+
+
+def test_step_memory_is_xlas_plan_and_its_line_names_the_device_size():
+  step = jax.jit(lambda state, x: (state + (x @ x).sum(), (x @ x).sum()), donate_argnums=0)
+  plan = metrics.step_memory(step.lower(jnp.ones((256, 256)), jnp.ones((512, 512))).compile())
+  assert plan["arguments"] == 4 * (256 * 256 + 512 * 512)
+  assert plan["donated"] == 4 * 256 * 256  # the state's buffer is the new state's
+  assert (
+    plan["total"] == plan["arguments"] + plan["outputs"] - plan["donated"] + plan["temporaries"]
+  )
+  plan = {"arguments": 2_500_000_000, "outputs": 2_500_001_000, "donated": 2_500_000_000,
+          "temporaries": 40_000_000_000, "total": 42_500_001_000}  # fmt: skip
+  assert metrics.memory_line(plan, {"bytes_limit": 80e9}) == (
+    "train step per device, as XLA planned it: 42.5 GB (state and batch 2.5 GB, "
+    "temporaries 40 GB, outputs not donated 1 kB); the device has 80 GB"
+  )
+  assert metrics.memory_line(plan, None).endswith("outputs not donated 1 kB)")  # the CPU
+
+
+def test_log_line_shows_a_devices_peak_memory(monkeypatch):
+  lines = []
+  monkeypatch.setattr(metrics.logging, "info", lambda fmt, *args: lines.append(fmt % args))
+  assert metrics.peak_memory(None) == {}  # the CPU reports no memory_stats
+  memory = metrics.peak_memory({"peak_bytes_in_use": 61.5e9, "bytes_limit": 80e9})
+  assert memory == {"peak_memory_gb": 61.5}
+  metrics.log_line(1, 10, {"loss": 2.5, "learning_rate": 0.0}, memory)  # the first step
+  metrics.log_line(2, 10, {"loss": 2.4, "learning_rate": 0.1},
+                   {"examples_per_sec": 8, "eta_sec": 9, **memory})  # fmt: skip
+  assert lines == [
+    "step 1/10 loss=2.5000 lr=0 peak_memory=61.5GB",
+    "step 2/10 loss=2.4000 lr=0.1 examples/s=8 peak_memory=61.5GB ETA 0:00:09",
+  ]
