@@ -15,9 +15,10 @@ the writing of the trace.
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
+
+from absl import logging
 
 
 class StepTrace:
