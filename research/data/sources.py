@@ -100,12 +100,8 @@ def prepare(tfds_name: str, raw_dir: str = "", data_dir: str = "", file_format=N
   """
   tfds = _import_tfds(with_tensorflow=False)
   kwargs = {"file_format": file_format} if file_format else {}
-  builder = tfds.builder(tfds_name, data_dir=data_dir or None, **kwargs)
-  if builder.is_prepared():
-    return builder
-  with preparing(builder):
-    if builder.is_prepared():  # by another process while this one waited
-      return tfds.builder(tfds_name, data_dir=data_dir or None, **kwargs)
+
+  def download_and_prepare(builder):
     _import_tfds()
     if raw_dir:
       verify_raw_files(builder, raw_dir)
@@ -119,6 +115,26 @@ def prepare(tfds_name: str, raw_dir: str = "", data_dir: str = "", file_format=N
     name = builder.info.full_name.replace("/", "_")
     download_dir = data_root(builder) / "downloads" / name
     builder.download_and_prepare(download_dir=download_dir, download_config=download_config)
+
+  make = lambda: tfds.builder(tfds_name, data_dir=data_dir or None, **kwargs)  # noqa: E731
+  return prepared_once(make, download_and_prepare)
+
+
+def prepared_once(make, download_and_prepare, before=None):
+  """`make()`'s builder, its dataset prepared by `download_and_prepare(builder)` in one
+  process at a time (see preparing); `before(builder)` runs first where it is not yet
+  prepared (checks of the raw files). The builder returned has read the prepared
+  folder: TFDS reads a dataset's splits when a builder is made, so one made before
+  another process finished preparing has none and is made again."""
+  builder = make()
+  if builder.is_prepared():
+    return builder if builder.info.splits else make()
+  if before is not None:
+    before(builder)
+  with preparing(builder):
+    if builder.is_prepared():  # by another process while this one waited
+      return make()
+    download_and_prepare(builder)
   return builder
 
 

@@ -36,23 +36,21 @@ def prepare_multi30k(raw_dir: str, data_dir: str = ""):
   tfds = sources._import_tfds(with_tensorflow=False)
   from research.data import multi30k_builder
 
-  builder = multi30k_builder.Multi30kEnDe(data_dir=data_dir or None)
-  if builder.is_prepared():
-    return builder
-  if not raw_dir:
-    raise sources.DataError(
-      "multi30k: config.data.raw_dir is empty; it must name the folder of the task 1 raw files "
-      f"({', '.join(sorted(multi30k_builder.SHA256))})"
-    )
-  for name, expected in sorted(multi30k_builder.SHA256.items()):
-    sources.verify_raw_file(Path(raw_dir) / name, expected, "multi30k")
-  with sources.preparing(builder):
-    if builder.is_prepared():  # by another process while this one waited
-      return multi30k_builder.Multi30kEnDe(data_dir=data_dir or None)
+  def check_raw_files(builder):
+    if not raw_dir:
+      raise sources.DataError(
+        "multi30k: config.data.raw_dir is empty; it must name the folder of the task 1 raw "
+        f"files ({', '.join(sorted(multi30k_builder.SHA256))})"
+      )
+    for name, expected in sorted(multi30k_builder.SHA256.items()):
+      sources.verify_raw_file(Path(raw_dir) / name, expected, "multi30k")
+
+  def download_and_prepare(builder):
     sources._import_tfds()
-    download_config = tfds.download.DownloadConfig(manual_dir=raw_dir)
-    builder.download_and_prepare(download_config=download_config)
-  return builder
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=raw_dir))
+
+  make = lambda: multi30k_builder.Multi30kEnDe(data_dir=data_dir or None)  # noqa: E731
+  return sources.prepared_once(make, download_and_prepare, before=check_raw_files)
 
 
 def load_pairs(builder, split: str) -> dict[str, list[str]]:
