@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from helpers.remat import recomputed_matmuls
 from helpers.xla import devices_flags
 
 from research import config as config_lib
@@ -156,6 +157,18 @@ def test_stochastic_depth_drops_whole_branches_per_example_only_in_training():
       variables, x, train=True, rngs={"dropout": jax.random.key(key)}, mutable=["batch_stats"]
     )[0]  # fmt: skip
     assert not np.allclose(train(1), train(2)), name
+
+
+def test_vit_remat_recomputes_each_block_in_the_backward_pass_and_changes_nothing():
+  """model.remat on the ViT's encoder blocks, dropout and stochastic depth on: as for
+  the LM (tests/test_transformer.py), but a whole block is recomputed, so per block 7
+  matmuls ("full": q, k, v, the two attention matmuls, the attention's output, which the
+  second norm's gradient reads, and the MLP's first) or 2 ("minimal")."""
+  make = lambda **kw: registry.models.get("vit")(  # noqa: E731
+    num_layers=2, embed_dim=16, num_heads=2, patch_size=7, dropout=0.1, stochastic_depth=0.2, **kw
+  )
+  images = jax.random.uniform(jax.random.key(0), (3, 28, 28, 1))
+  assert recomputed_matmuls(make, images) == {"none": 0, "full": 7 * 2, "minimal": 2 * 2}
 
 
 def test_vit_patches_are_row_major_and_see_the_whole_image():

@@ -88,6 +88,7 @@ class ViT(nn.Module):
   position_embedding: str = "learned"  # or "sincos2d": fixed, on the patch tokens only
   dropout: float = 0.0
   stochastic_depth: float = 0.0  # drop rate of the last block; earlier blocks scale linearly
+  remat: str = "none"  # "full" or "minimal": recompute activations in backward (layers.remat)
   dtype: str = "float32"
 
   @nn.compact
@@ -101,6 +102,7 @@ class ViT(nn.Module):
       )
     if self.embed_dim % self.num_heads:
       raise ValueError(f"model.embed_dim={self.embed_dim} is not divisible by num_heads")
+    block = layers.remat(EncoderBlock, self.remat if train else "none", static_argnums=(2,))
     dtype = layers.compute_dtype(self.dtype)
     patches_BxNxF = patchify(x_BxHxWxC.astype(dtype), self.patch_size)
     x_BxNxD = layers.dense(self.embed_dim, (None, "embed"), dtype, "patch_embedding")(patches_BxNxF)
@@ -120,7 +122,7 @@ class ViT(nn.Module):
     x_BxNxD = layers.constrain(x_BxNxD, ("batch", None, "embed"))
     out_stddev = 0.02 / (2 * self.num_layers) ** 0.5
     for i in range(self.num_layers):
-      x_BxNxD = EncoderBlock(
+      x_BxNxD = block(
         self.num_heads, self.mlp_ratio, self.dropout, out_stddev, dtype,
         qkv_stddev=self.embed_dim**-0.5,
         drop_path=self.stochastic_depth * (i + 1) / self.num_layers, name=f"block_{i}",
