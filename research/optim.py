@@ -197,6 +197,75 @@ def one_cycle(
   )
 
 
+@registry.schedules.register("warmup_rsqrt")
+def warmup_rsqrt(
+  learning_rate: float,
+  total_steps: int,
+  warmup_steps: int = 0,
+  timescale: int = 10_000,
+  cooldown_steps: int = 0,
+):
+  """big_vision's "rsqrt": linear warm-up over `warmup_steps`, then the rate times
+  1 / sqrt(1 + (step - warmup_steps) / timescale), and over the last `cooldown_steps`
+  a linear cool-down to 0 (Zhai et al. 2022, scaling ViTs)."""
+  if warmup_steps + cooldown_steps > total_steps or timescale <= 0:
+    raise ValueError(
+      f"schedule.warmup_steps={warmup_steps} + schedule.cooldown_steps={cooldown_steps} must "
+      f"be <= total steps {total_steps}, and schedule.timescale={timescale} > 0"
+    )
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    rate = learning_rate / jnp.sqrt(1.0 + jnp.maximum(step - warmup_steps, 0.0) / timescale)
+    if warmup_steps:
+      rate = rate * jnp.minimum(1.0, step / warmup_steps)
+    if cooldown_steps:
+      rate = rate * jnp.clip((total_steps - step) / cooldown_steps, 0.0, 1.0)
+    return rate
+
+  return schedule
+
+
+WSD_DECAY_SHAPES = ("linear", "1-sqrt")
+
+
+@registry.schedules.register("warmup_stable_decay")
+def warmup_stable_decay(
+  learning_rate: float,
+  total_steps: int,
+  warmup_steps: int = 0,
+  decay_fraction: float = 0.2,
+  decay_shape: str = "linear",
+  end_value: float = 0.0,
+):
+  """Warm-up, stable, decay (WSD; Hu et al. 2024, Hägele et al. 2024): linear warm-up,
+  `learning_rate` held, then over the last `decay_fraction` of the steps a decay to
+  `end_value`, "linear" or "1-sqrt" (1 - sqrt(progress), the shape Hägele et al.
+  found best). A run's stable phase can be resumed into decays of several lengths:
+  one run, several training budgets, for scaling studies."""
+  decay_steps = int(round(decay_fraction * total_steps))
+  if decay_shape not in WSD_DECAY_SHAPES or not 0.0 <= decay_fraction <= 1.0:
+    raise ValueError(
+      f"schedule.decay_shape={decay_shape!r} (valid: {', '.join(WSD_DECAY_SHAPES)}), "
+      f"schedule.decay_fraction={decay_fraction} (valid: 0 to 1)"
+    )
+  if warmup_steps + decay_steps > total_steps:
+    raise ValueError(
+      f"schedule.warmup_steps={warmup_steps} + the decay's {decay_steps} steps "
+      f"(decay_fraction={decay_fraction}) must be <= total steps {total_steps}"
+    )
+  decay_start = total_steps - decay_steps
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = jnp.minimum(1.0, step / warmup_steps) if warmup_steps else 1.0
+    progress = jnp.clip((step - decay_start) / max(decay_steps, 1), 0.0, 1.0)
+    left = 1.0 - progress if decay_shape == "linear" else 1.0 - jnp.sqrt(progress)
+    return warm * (end_value + (learning_rate - end_value) * left)
+
+  return schedule
+
+
 # --- Optimizers: factory(schedule, weight_decay, **kwargs) -> GradientTransformation.
 
 
@@ -227,6 +296,41 @@ def adam(schedule, weight_decay: float, b1: float = 0.9, b2: float = 0.999, eps:
 def adamw(schedule, weight_decay: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
   """Adam with decoupled weight decay (Loshchilov & Hutter), masked off biases and norms."""
   return optax.adamw(schedule, b1, b2, eps, weight_decay=weight_decay, mask=decay_mask)
+
+
+@registry.optimizers.register("lion")
+def lion(schedule, weight_decay: float, b1: float = 0.9, b2: float = 0.99):
+  """Lion (Chen et al. 2023): the sign of an interpolated momentum; decoupled weight
+  decay masked off biases and norms. Its rates are ~3-10x below AdamW's."""
+  return optax.lion(schedule, b1, b2, weight_decay=weight_decay, mask=decay_mask)
+
+
+@registry.optimizers.register("adafactor")
+def adafactor(
+  schedule,
+  weight_decay: float,
+  min_dim_size_to_factor: int = 128,
+  decay_rate: float = 0.8,
+  clipping_threshold: float = 1.0,
+  momentum: float = 0.0,
+  multiply_by_parameter_scale: bool = True,
+):
+  """Adafactor (Shazeer & Stern 2018) from optax's parts: second moments of a matrix kept
+  as a row and a column vector (dimensions >= min_dim_size_to_factor; replicated over
+  the mesh), updates clipped to RMS `clipping_threshold` (0: off) and scaled by the
+  parameter's RMS; `momentum` 0: none. Weight decay as in adamw, times the rate and
+  masked off biases and norms (optax.adafactor's `weight_decay_rate` is not multiplied
+  by the rate: 0.1 there shrank the LM's weights to a uniform prediction in 150 steps)."""
+  return optax.chain(
+    optax.scale_by_factored_rms(
+      decay_rate=decay_rate, min_dim_size_to_factor=min_dim_size_to_factor
+    ),
+    optax.clip_by_block_rms(clipping_threshold) if clipping_threshold else optax.identity(),
+    optax.scale_by_param_block_rms() if multiply_by_parameter_scale else optax.identity(),
+    optax.ema(momentum, debias=False) if momentum else optax.identity(),
+    optax.add_decayed_weights(weight_decay, mask=decay_mask) if weight_decay else optax.identity(),
+    optax.scale_by_learning_rate(schedule),
+  )
 
 
 def factory_keys(optimizer_name: str) -> list[str]:

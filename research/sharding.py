@@ -40,7 +40,7 @@ def mesh_spec(name: str, shape, logical: PartitionSpec, rules, mesh: Mesh) -> Pa
   used: dict[str, str] = {}
   spec = []
   for dim, (size, logical_name) in enumerate(zip(shape, logical, strict=True)):
-    if logical_name is None:
+    if logical_name is None or size == 1:  # (1: e.g. Adafactor's placeholder moments)
       spec.append(None)
       continue
     if logical_name not in rules:
@@ -80,6 +80,8 @@ def state_shardings(boxed_state_shape, mesh: Mesh, rules) -> tuple:
 
   def one(path, logical, leaf):
     name = path_name(path)
+    if len(tuple(logical)) > leaf.ndim:  # a statistic reduced from a parameter (Adafactor's
+      logical = PartitionSpec()  # factored moments: a vector per row or column): replicated
     sharding = NamedSharding(mesh, mesh_spec(name, leaf.shape, logical, rules, mesh))
     rows.append(
       {

@@ -58,6 +58,19 @@ def test_schedules():
   # A config error (one line and exit 2 from the trainer), not a traceback.
   with pytest.raises(config_lib.ConfigError, match=r"warmup_steps=100 must be < total steps 100"):
     make("warmup_cosine", warmup_steps=100)
+  rsqrt = make("warmup_rsqrt", warmup_steps=10, timescale=10, cooldown_steps=20)
+  steps = (0, 5, 10, 20, 80, 90, 100)
+  want = [0, 0.5, 1, 2**-0.5, 8**-0.5, 9**-0.5 / 2, 0]  # 1 / sqrt(1 + (step - 10) / 10)
+  assert [float(rsqrt(s)) for s in steps] == pytest.approx(want, abs=1e-6)
+  wsd = make("warmup_stable_decay", warmup_steps=10, decay_fraction=0.2, end_value=0.1)
+  steps = (0, 5, 10, 50, 80, 90, 100)
+  assert [float(wsd(s)) for s in steps] == pytest.approx([0, 0.5, 1, 1, 1, 0.55, 0.1])
+  sqrt_decay = make("warmup_stable_decay", decay_fraction=0.2, decay_shape="1-sqrt")
+  assert float(sqrt_decay(90)) == pytest.approx(1 - 0.5**0.5)
+  with pytest.raises(config_lib.ConfigError, match=r"decay_shape='cosine' \(valid: linear, 1-sqrt"):
+    make("warmup_stable_decay", decay_shape="cosine")
+  with pytest.raises(config_lib.ConfigError, match=r"cooldown_steps=95 must be <= total steps"):
+    make("warmup_rsqrt", warmup_steps=10, cooldown_steps=95)
 
 
 def test_decay_mask_skips_biases_and_norms():
@@ -65,7 +78,7 @@ def test_decay_mask_skips_biases_and_norms():
   assert mask == {"dense": {"kernel": True, "bias": False}, "layer_norm": {"scale": False}}
 
 
-@pytest.mark.parametrize("name", ["adamw", "sgd", "momentum", "adam"])
+@pytest.mark.parametrize("name", ["adamw", "sgd", "momentum", "adam", "lion", "adafactor"])
 def test_weight_decay_only_touches_masked_weights(name):
   tx, _ = optim.make_optimizer(
     config_lib.entry("optimizer", name, learning_rate=0.1, weight_decay=0.5),

@@ -120,6 +120,44 @@ def test_fsdp_shards_the_optimizer_state_with_its_parameters():
     assert row["logical"] == ("embed", "mlp") and row["mesh"] == ("fsdp", "model")
 
 
+def test_adafactors_factored_moments_are_replicated_its_full_ones_sharded():
+  """Adafactor keeps a matrix's second moment as a row and a column vector, which carry
+  the matrix's two logical axes: they are replicated (without that, the sharding failed
+  on the rank). A matrix with a dimension under min_dim_size_to_factor keeps a full
+  moment, sharded as its parameter."""
+  import functools
+
+  import jax
+  import numpy as np
+
+  from research import optim, parallel, registry
+  from research import step as step_lib
+
+  tx, _ = optim.make_optimizer(
+    config_lib.entry("optimizer", "adafactor", learning_rate=1e-3),
+    config_lib.entry("schedule", "constant"),
+    total_steps=10,
+  )
+  model = registry.models.get("mlp")(widths=(128,), num_classes=10)
+  init = functools.partial(
+    step_lib.init_state, model, tx, jax.random.key(0), np.zeros((1, 28, 28, 1), np.uint8),
+    boxed=True,
+  )  # fmt: skip
+  mesh = parallel.make_mesh(config_lib.base().mesh)
+  _, _, rows = sharding.state_shardings(jax.eval_shape(init), mesh, RULES)
+  by_name = {r["name"]: r for r in rows}
+  row, column = (
+    by_name["opt_state/0/v_row/hidden_0/kernel"],
+    by_name["opt_state/0/v_col/hidden_0/kernel"],
+  )
+  assert (row["shape"], row["mesh"]) == ((128,), (None,))  # of the 784 x 128 kernel
+  assert (column["shape"], column["mesh"]) == ((784,), (None,))
+  # A parameter it does not factor gets size-1 placeholders there: never sharded.
+  assert by_name["opt_state/0/v_row/hidden_0/bias"]["mesh"] == (None,)
+  head = by_name["opt_state/0/v/head/kernel"]  # 128 x 10: 10 < 128, not factored
+  assert head["shape"] == (128, 10) and head["mesh"] == ("model", None)
+
+
 MESHES = {"dp": "8,1,1", "fsdp": "2,4,1", "tp": "4,1,2"}
 
 
