@@ -110,6 +110,10 @@ def expand(config_spec: str, root: str | Path) -> list[SweepRun]:
     variant = overrides.pop("arg", arg)
     spec = f"{path}:{variant}" if variant else path
     config = config_lib.load_file(spec)
+    for key, value in overrides.items():  # as the command line will switch them
+      kind, _, field = key.partition(".")
+      if field == "name" and kind in config_lib.ENTRY_SECTIONS:
+        config_lib.switch_entry(config, kind, value)
     for key in overrides:  # a typo fails here, before anything runs
       message = config_lib.unknown_path_message(config, key)
       if message:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +133,26 @@ def _train_cli(tmp_path, *args):
       ["--config=experiments/mnist_softmax.py", "--wrokdir=x"],
       "Unknown command line flag 'wrokdir'",
     ),
+    (
+      [
+        "--config=experiments/mnist_softmax.py",
+        "--config.optimizer.name=adam",
+        "--config.optimizer.nesterov=True",
+      ],
+      "config.optimizer.nesterov: unknown key; nearest valid key:",
+    ),
+    (
+      [
+        "--config=experiments/mnist_softmax.py",
+        "--config.optimizer.name=momentum",
+        "--config.optimizer.nesterov=maybe",
+      ],
+      "config.optimizer.nesterov: wrong type for value 'maybe': expected bool",
+    ),
+    (
+      ["--config=experiments/mnist_softmax.py", "--config.schedule.name=cosinus"],
+      "config.schedule.name: unknown schedule 'cosinus'",
+    ),
   ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
@@ -157,6 +178,54 @@ def test_cli_bad_model_setting_is_one_line(tmp_path, mnist, tfds_data_dir, mnist
   assert last == "error: config.model.patch_size=5 does not divide the image size 28x28"
   assert "Traceback" not in result.stderr
   assert not workdir.exists()
+
+
+SWITCH_AND_PRINT = """
+import json, sys
+from absl import flags
+from research import config, train
+config.parse_flags(sys.argv)
+print(json.dumps(flags.FLAGS.config.optimizer.to_dict()))
+"""
+
+
+def test_command_line_switches_an_entry_keeping_shared_keys_and_taking_the_new_ones():
+  """--config.optimizer.name=adam on LeNet-5's momentum config: the section is Adam's,
+  with the shared keys kept (weight_decay) or overridden (learning_rate, given before the
+  switch), momentum's own keys (momentum, nesterov) dropped with a warning naming them,
+  and Adam's own keys overridable (b1)."""
+  result = subprocess.run(
+    [sys.executable, "-c", SWITCH_AND_PRINT, "--config=experiments/mnist_lenet5.py",
+     "--config.optimizer.learning_rate=0.02", "--config.optimizer.name=adam",
+     "--config.optimizer.b1=0.8"],
+    capture_output=True, text=True, cwd=config_lib.REPO_ROOT, timeout=120,
+  )  # fmt: skip
+  assert result.returncode == 0, result.stderr[-2000:]
+  saved = config_lib.load_file("experiments/mnist_lenet5.py").optimizer
+  assert saved.name == "momentum" and "b1" not in saved  # the file's own entry
+  optimizer = json.loads(result.stdout.strip().splitlines()[-1])
+  assert optimizer == {
+    **config_lib.entry("optimizer", "adam").to_dict(),
+    "learning_rate": 0.02, "weight_decay": saved.weight_decay, "b1": 0.8,
+  }  # fmt: skip
+  assert "momentum's keys that adam does not take are dropped: momentum, nesterov" in (
+    result.stderr
+  )
+
+
+def switched(config, kind, name):
+  dropped = config_lib.switch_entry(config, kind, name)
+  return config[kind].to_dict(), dropped
+
+
+def test_switch_entry_keeps_what_both_entries_take():
+  config = config_lib.load_file("experiments/shakespeare_char.py")
+  section, dropped = switched(config, "optimizer", "lion")
+  assert dropped == ["eps"]
+  assert section == {**config_lib.entry("optimizer", "lion").to_dict(), "learning_rate": 3e-3,
+                     "b2": 0.99, "weight_decay": 0.1, "grad_clip_norm": 1.0}  # fmt: skip
+  with pytest.raises(config_lib.ConfigError, match="config.model.name: unknown model 'gpt5'"):
+    config_lib.switch_entry(config, "model", "gpt5")
 
 
 def test_cli_missing_data_is_one_line_and_leaves_no_workdir(tmp_path):

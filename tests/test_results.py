@@ -71,6 +71,16 @@ def test_sweep_names_are_stable_and_typos_fail_before_running(tmp_path):
   bad = SWEEP_FILE.replace("optimizer.learning_rate", "optimizer.learning_rat")
   with pytest.raises(config_lib.ConfigError, match="optimizer.learning_rat: unknown key"):
     sweep.expand(str(_write_sweep(tmp_path, "", "", bad)), tmp_path / "runs")
+  # A sweep over optimizers: keys of the entry each run switches to are valid.
+  switch = SWEEP_FILE.replace(
+    '"optimizer.learning_rate": [0.5, 0.1]',
+    '"optimizer.name": ["momentum", "momentum"], "optimizer.nesterov": [True, False]',
+  )
+  runs = sweep.expand(str(_write_sweep(tmp_path, "", "", switch)), tmp_path / "runs")
+  assert "--config.optimizer.nesterov=True" in runs[0].train_flags
+  typo = switch.replace("optimizer.nesterov", "optimizer.nesterof")
+  with pytest.raises(config_lib.ConfigError, match="optimizer.nesterof: unknown key"):
+    sweep.expand(str(_write_sweep(tmp_path, "", "", typo)), tmp_path / "runs")
 
 
 def test_sweep_skips_finished_runs_and_resumes_unfinished_ones(
