@@ -241,8 +241,10 @@ def warmup_stable_decay(
   """Warm-up, stable, decay (WSD; Hu et al. 2024, Hägele et al. 2024): linear warm-up,
   `learning_rate` held, then over the last `decay_fraction` of the steps a decay to
   `end_value`, "linear" or "1-sqrt" (1 - sqrt(progress), the shape Hägele et al.
-  found best). A run's stable phase can be resumed into decays of several lengths:
-  one run, several training budgets, for scaling studies."""
+  found best). The rate before a decay does not depend on the budget, so a checkpoint
+  from the stable phase resumed with a larger num_train_steps (--allow_config_change)
+  continues as a run of that budget, bit for bit (tests/test_train.py): one run,
+  several training budgets, for scaling studies."""
   decay_steps = int(round(decay_fraction * total_steps))
   if decay_shape not in WSD_DECAY_SHAPES or not 0.0 <= decay_fraction <= 1.0:
     raise ValueError(

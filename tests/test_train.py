@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -89,6 +90,33 @@ def test_resume_continues_at_the_right_step_with_identical_state(config, tmp_pat
     __import__("jax").tree.leaves(params_a), __import__("jax").tree.leaves(params_b), strict=True
   ):
     np.testing.assert_array_equal(a, b)  # bitwise
+
+
+def test_wsd_run_resumed_from_its_stable_phase_into_a_longer_budget_equals_that_run(
+  config, tmp_path
+):
+  """warmup_stable_decay's use in scaling studies: a checkpoint from the stable phase of
+  an 80-step run, resumed with num_train_steps=120 (--allow_config_change), ends with the
+  parameters of a 120-step run, bit for bit: the rate before a decay does not depend on
+  the budget, nor do the batches."""
+  config.schedule = config_lib.entry(
+    "schedule", "warmup_stable_decay", warmup_steps=10, decay_fraction=0.25
+  )
+  config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps = 30, -1, 30
+  config.num_train_steps = 120
+  train.train_and_evaluate(config, str(tmp_path / "long"))
+  config.num_train_steps = 80  # decays from step 60
+  train.train_and_evaluate(config, str(tmp_path / "short"))
+  shutil.rmtree(tmp_path / "short" / "checkpoints" / "80")  # resume from step 60
+  config.num_train_steps = 120
+  train.train_and_evaluate(config, str(tmp_path / "short"), allow_config_change=True)
+  (step_a, long), (step_b, resumed) = (
+    _final_params(tmp_path / "long"),
+    _final_params(tmp_path / "short"),
+  )
+  assert step_a == step_b == 120
+  for a, b in zip(jax.tree.leaves(long), jax.tree.leaves(resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_workdir_with_another_config_is_refused(config, tmp_path):
