@@ -135,7 +135,7 @@ gpt2_runs() {  # each of $GPT2_RUNS, logged to $OUT/gpt2_bBATCH[_xent_one_pass].
     XLA_FLAGS=$flags xent=${code%:} train_gpt2 "$name" "${GPT2_LIMIT:-180}" \
       --config.global_batch_size="$batch"
     echo "exit $?"
-    grep -E "step .*MFU|TIMING\] (state init|first step)|^  attention:" "$OUT/$name.log" | sed 's/^.*\] //'
+    grep -E "step .*MFU|TIMING\] (state init|first step)|MEMORY\]|^  attention:" "$OUT/$name.log" | sed 's/^.*\] //'
   done
 }
 
@@ -154,7 +154,7 @@ part_gpt2() {
     echo "XLA attention: exit $?"
     grep -E "step .*MFU" "$OUT/gpt2_xla_attention.log" | sed 's/^.*\] //'
   fi
-  grep -E "step .*MFU|TIMING\] (state init|first step)|metrics at step|^  attention:" "$OUT/gpt2.log" | sed 's/^.*\] //'
+  grep -E "step .*MFU|TIMING\] (state init|first step)|MEMORY\]|metrics at step|^  attention:" "$OUT/gpt2.log" | sed 's/^.*\] //'
 }
 
 part_cnn() {
