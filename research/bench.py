@@ -50,8 +50,8 @@ from typing import Any
 
 from absl import app, flags, logging
 
+from research import cli, runtime
 from research import config as config_lib
-from research import runtime
 
 SECTIONS = ("xla_flags", "speed", "mfu", "input", "checkpoint", "startup", "profile")
 GOALS = {
@@ -1145,7 +1145,7 @@ def main(argv):
   try:
     results = run(tuple(values.sections), values.smoke, values.out, windows=values.windows)
   except config_lib.ConfigError as e:
-    return config_lib.usage_error(str(e))
+    return cli.usage_error(str(e))
   print(report(results))
 
 

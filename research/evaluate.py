@@ -27,8 +27,8 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from research import cli, registry, runtime
 from research import config as config_lib
-from research import registry, runtime
 
 
 def define_flags():
@@ -128,7 +128,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   args = flags.FLAGS
   if not args.checkpoint:
-    return config_lib.usage_error("--checkpoint is required")
+    return cli.usage_error("--checkpoint is required")
   runtime.tune_malloc()  # before JAX starts its threads
   runtime.apply_xla_defaults("")  # every model's CPU flags (the model is in the checkpoint)
   from research.data.sources import DataError
@@ -138,10 +138,10 @@ def main(argv):
       args.checkpoint, args.config, args.output_dir, args.evaluators
     )
   except (EvaluateError, config_lib.ConfigError, registry.UnknownNameError, DataError) as e:
-    return config_lib.usage_error(str(e))
+    return cli.usage_error(str(e))
   print(f"step {step}: " + ", ".join(f"{k}={v:.6f}" for k, v in metrics.items()))
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=config_lib.parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

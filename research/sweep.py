@@ -30,6 +30,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from research import cli
 from research import config as config_lib
 
 LAUNCHERS = {"slurm": "launch/slurm.sh", "tpu": "launch/tpu_vm.sh"}
@@ -184,11 +185,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS.config:
-    config_lib.usage_error("--config is required")
+    cli.usage_error("--config is required")
   try:
     runs = expand(flags.FLAGS.config, flags.FLAGS.root)
   except config_lib.ConfigError as e:
-    config_lib.usage_error(str(e))
+    cli.usage_error(str(e))
   if flags.FLAGS.list:
     for run in runs:
       print(f"{run.status():10s} {run.workdir}")

@@ -23,8 +23,8 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from research import cli, experiment, registry
 from research import config as config_lib
-from research import experiment, registry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, path.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
@@ -474,8 +474,8 @@ def _data_error():
   return DataError
 
 
-_usage_error = config_lib.usage_error
-parse_flags = config_lib.parse_flags
+_usage_error = cli.usage_error
+parse_flags = cli.parse_flags
 
 
 def run():

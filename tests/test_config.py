@@ -183,8 +183,8 @@ def test_cli_bad_model_setting_is_one_line(tmp_path, mnist, tfds_data_dir, mnist
 SWITCH_AND_PRINT = """
 import json, sys
 from absl import flags
-from research import config, train
-config.parse_flags(sys.argv)
+from research import cli, train
+cli.parse_flags(sys.argv)
 print(json.dumps(flags.FLAGS.config.optimizer.to_dict()))
 """
 
