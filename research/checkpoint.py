@@ -74,7 +74,9 @@ class SaveFailed(RuntimeError):
 
 
 class Checkpointer:
-  def __init__(self, directory: str | Path, max_to_keep: int):
+  def __init__(self, directory: str | Path, max_to_keep: int, keep_every_steps: int = 0):
+    """Keeps the latest `max_to_keep` checkpoints, and those at multiples of
+    `keep_every_steps` (> 0) for good (Orbax's keep_period)."""
     self.directory = Path(directory).absolute()
     self._saving_step: int | None = None  # a save started and not yet seen to finish
     self._failed = False
@@ -82,7 +84,10 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True
+        max_to_keep=max_to_keep,
+        keep_period=keep_every_steps or None,
+        create=True,
+        enable_async_checkpointing=True,
       ),
     )
 

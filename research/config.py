@@ -113,6 +113,9 @@ def base() -> ml_collections.ConfigDict:
   config.eval_every_steps = -1  # -1: evaluate only at the end
   config.checkpoint_every_steps = 1000
   config.max_to_keep = 3
+  # > 0: checkpoints at multiples of it are kept for good besides the latest max_to_keep
+  # (big_vision's keep_ckpt_steps; e.g. points of a WSD run's stable phase to decay from).
+  config.keep_every_steps = 0
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
   # JAX's profiler over train steps start_step.. (as the log numbers them; step 1
   # compiles) into WORKDIR/tensorboard (research/profiling.py); 0: no profile.
@@ -384,6 +387,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(
     config.eval_every_steps > 0 or config.eval_every_steps == -1,
     f"config.eval_every_steps={config.eval_every_steps}: must be > 0, or -1 for the end only",
+  )
+  _require(
+    config.keep_every_steps >= 0 and config.keep_every_steps % config.checkpoint_every_steps == 0,
+    f"config.keep_every_steps={config.keep_every_steps}: must be 0 (none kept) or a multiple "
+    f"of config.checkpoint_every_steps={config.checkpoint_every_steps}",
   )
   profile = config.profile
   _require(

@@ -44,7 +44,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a 
 # Where a run executes, not what it computes: a workdir may resume with other values.
 DEPLOYMENT_KEYS = (
   "data.raw_dir", "data.data_dir", "mesh.data", "mesh.fsdp", "mesh.model", "steps_per_dispatch",
-  "profile.start_step", "profile.num_steps",
+  "profile.start_step", "profile.num_steps", "keep_every_steps",
 )  # fmt: skip
 USAGE_ERRORS = (config_lib.ConfigError, registry.UnknownNameError)
 EXIT_USAGE = 2
@@ -254,7 +254,9 @@ def train_and_evaluate(
       "set config.steps_per_dispatch=1"
     )
   sharding_table = sharding.table(exp.sharding_rows)
-  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", config.max_to_keep)
+  ckpt = checkpoint.Checkpointer(
+    workdir / "checkpoints", config.max_to_keep, config.keep_every_steps
+  )
   abstract = checkpoint.abstract_with_shardings(exp.state_shape, exp.state_sharding)
   start_step, state = ckpt.restore_latest_good(abstract)
   if start_step is None:

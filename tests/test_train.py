@@ -119,6 +119,17 @@ def test_wsd_run_resumed_from_its_stable_phase_into_a_longer_budget_equals_that_
     np.testing.assert_array_equal(a, b)
 
 
+def test_checkpoints_at_multiples_of_keep_every_steps_are_kept(config, tmp_path):
+  config.num_train_steps, config.checkpoint_every_steps, config.max_to_keep = 100, 20, 2
+  config.eval_every_steps, config.keep_every_steps = -1, 40
+  train.train_and_evaluate(config, str(tmp_path))
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [40, 80, 100]  # 40 and 80 for good, the latest two (80, 100)
+  config.keep_every_steps = 30
+  with pytest.raises(config_lib.ConfigError, match=r"keep_every_steps=30: must be 0 .* of config"):
+    train.train_and_evaluate(config, str(tmp_path / "bad"))
+
+
 def test_workdir_with_another_config_is_refused(config, tmp_path):
   config.num_train_steps = 20
   train.train_and_evaluate(config, str(tmp_path))
