@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 from pathlib import Path
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -201,6 +202,27 @@ def _reason(error: Exception) -> str:
   return ": ".join(parts[-2:])[:300] if len(parts) > 2 else line[:300]
 
 
+def restore_state(directory: str | Path, step: int | None, abstract_state) -> tuple[int, Any]:
+  """(step, train state) of another run's checkpoint (its latest by default), restored
+  onto the shardings abstract_state carries; the directory is only read.
+  FileNotFoundError if there is no such checkpoint."""
+  _quiet_closed_event_loop_errors()
+  manager = ocp.CheckpointManager(  # it never saves, so never deletes
+    Path(directory).absolute(), options=ocp.CheckpointManagerOptions(create=False)
+  )
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+      valid = list(manager.all_steps())
+      raise FileNotFoundError(f"{directory}: no finished checkpoint at step {step} (have {valid})")
+    restored = manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+    )
+  finally:
+    manager.close()
+  return step, restored["state"]
+
+
 def read_tree(directory: str | Path, step: int | None = None) -> tuple[int, dict]:
   """(step, saved train state as nested dicts of numpy arrays), the latest step by default.
 
@@ -238,8 +260,9 @@ def abstract_with_shardings(state_shape, shardings):
 
 
 def _quiet_closed_event_loop_errors() -> None:
-  """When a restore fails, Orbax's pending async reads report "Event loop is closed"
-  through sys.unraisablehook, one traceback per array. Drop exactly those; pass on the rest."""
+  """When a restore fails, Orbax's pending async reads report "Event loop is closed", or
+  their own failure, through sys.unraisablehook, one traceback per array. Drop exactly
+  those; pass on the rest."""
   import sys
 
   previous = sys.unraisablehook
@@ -249,6 +272,10 @@ def _quiet_closed_event_loop_errors() -> None:
   def hook(unraisable):
     value = unraisable.exc_value
     if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    # The other reads of a restore that failed on one array (a shape that does not fit),
+    # collected unawaited: the failure itself was reported.
+    if getattr(unraisable.object, "__qualname__", "") == "_read_array_index_and_device_put":
       return
     previous(unraisable)
 

@@ -231,7 +231,7 @@ def train_and_evaluate(
 
   import jax
 
-  from research import checkpoint, evaluators, parallel, profiling, sharding
+  from research import checkpoint, evaluators, parallel, profiling, sharding, transfer
   from research import metrics as metrics_lib
   from research.preemption import PreemptionWatcher
   from research.versions import versions
@@ -259,7 +259,12 @@ def train_and_evaluate(
   )
   abstract = checkpoint.abstract_with_shardings(exp.state_shape, exp.state_sharding)
   start_step, state = ckpt.restore_latest_good(abstract)
-  if start_step is None:
+  if start_step is None and config.init.checkpoint and config.init.mode == "continue":
+    start_step, state, exp.derived["init"] = transfer.continue_from(
+      config.init.checkpoint, abstract
+    )
+    logging.info("continuing %s from its step %d", config.init.checkpoint, start_step)
+  elif start_step is None:
     state = experiment.fresh_state(exp)  # with config.init.checkpoint: loads another run's
     start_step = 0
   else:

@@ -21,7 +21,12 @@ one), with its BatchNorm statistics.
 - "linear_probe": only the re-initialised parameters train (optax
   multi_transform, the frozen ones get zero updates and keep no optimizer
   state); the model runs in evaluation mode, so BatchNorm uses the loaded
-  statistics, leaves them unchanged, and dropout is off.
+  statistics, leaves them unchanged, and dropout is off;
+- "continue": the whole train state (step, parameters, optimizer and model
+  state) is restored onto this run's mesh and training goes on from its step,
+  under this run's config (rules and reinit do not apply): a branch of another
+  run, e.g. a warmup_stable_decay run's stable-phase checkpoint decayed over a
+  new num_train_steps, which ends as a run of that budget would.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from pathlib import Path
 
 from research.config import ConfigError
 
-MODES = ("finetune", "linear_probe")
+MODES = ("finetune", "linear_probe", "continue")
 TRAINED, BACKBONE, FROZEN = "trained", "backbone", "frozen"
 
 
@@ -52,7 +57,7 @@ def source_name(rules, name: str) -> str | None:
 def param_labels(init_config):
   """None when every parameter trains alike, else params -> labels for optim.partitioned:
   TRAINED for the re-initialised ones, FROZEN or BACKBONE (scaled) for the loaded ones."""
-  if not init_config.checkpoint:
+  if not init_config.checkpoint or init_config.mode == "continue":
     return None
   if init_config.mode == "finetune" and init_config.backbone_lr_scale == 1.0:
     return None
@@ -167,6 +172,30 @@ def to_global(value, sharding):
   import jax
 
   return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def continue_from(path: str, abstract_state) -> tuple[int, object, dict]:
+  """(step, train state, report) of mode "continue": the checkpoint at `path` (a
+  workdir, its checkpoints/ or checkpoints/STEP) restored whole onto abstract_state's
+  shardings. A state of another shape (another model or optimizer) is one line."""
+  from research import checkpoint
+
+  directory, step = resolve_checkpoint(path)
+  if not directory.is_dir():
+    raise ConfigError(f"config.init.checkpoint={path!r}: no such directory")
+  try:
+    step, state = checkpoint.restore_state(directory, step, abstract_state)
+  except FileNotFoundError as e:
+    raise ConfigError(f"config.init.checkpoint={path!r}: {e}") from None
+  except Exception as e:  # noqa: BLE001  Orbax/TensorStore raise many types
+    # Orbax's first sentence ("Requested shape: (64, 10) is not compatible with the
+    # stored shape: (128, 10)"), not its advice on how to pad or truncate arrays
+    reason = str(e).strip().splitlines()[0].split(". ")[0][:300] or type(e).__name__
+    raise ConfigError(
+      f"config.init.checkpoint={path!r}: its train state does not fit this config's "
+      f"({reason}); config.init.mode='continue' needs the same model and optimizer"
+    ) from None
+  return step, state, {"checkpoint": str(directory), "step": step, "mode": "continue"}
 
 
 def load_into(state, init_config, tx, state_sharding):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,6 +179,37 @@ def test_cli_bad_model_setting_is_one_line(tmp_path, mnist, tfds_data_dir, mnist
   assert last == "error: config.model.patch_size=5 does not divide the image size 28x28"
   assert "Traceback" not in result.stderr
   assert not workdir.exists()
+
+
+def test_cli_continuing_another_models_checkpoint_is_one_line(
+  tmp_path, mnist, tfds_data_dir, mnist_raw_dir
+):
+  """config.init.mode=continue from a checkpoint of another shape: one line naming the
+  checkpoint and the first array that does not fit, exit 2, none of Orbax's tracebacks."""
+  del mnist  # prepared by the session fixture
+  data = [f"--config.data.data_dir={tfds_data_dir}", f"--config.data.raw_dir={mnist_raw_dir}"]
+  source = tmp_path / "source"
+  made = subprocess.run(
+    [sys.executable, "-m", "research.train", "--config=experiments/mnist_mlp.py",
+     f"--workdir={source}", "--config.num_train_steps=2", *data],
+    capture_output=True, text=True, cwd=config_lib.REPO_ROOT, timeout=300,
+  )  # fmt: skip
+  assert made.returncode == 0, made.stderr[-2000:]
+  result, workdir = _train_cli(
+    tmp_path, "--config=experiments/mnist_mlp.py", "--config.num_train_steps=4", *data,
+    f"--config.init.checkpoint={source}", "--config.init.mode=continue",
+    "--config.model.widths=(64,)",
+  )  # fmt: skip
+  assert result.returncode == 2, result.stderr[-2000:]
+  errors = [line for line in result.stderr.splitlines() if not line.startswith(("I", "W"))]
+  assert len(errors) == 1, errors  # the array named is whichever read failed first
+  assert re.fullmatch(
+    rf"error: config.init.checkpoint='{re.escape(str(source))}': its train state does not fit "
+    r"this config's \(Requested shape: \(\d+, \d+\) is not compatible with the stored shape: "
+    r"\(\d+, \d+\)\); "
+    r"config.init.mode='continue' needs the same model and optimizer",
+    errors[0],
+  ), errors
 
 
 SWITCH_AND_PRINT = """

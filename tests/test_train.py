@@ -92,31 +92,44 @@ def test_resume_continues_at_the_right_step_with_identical_state(config, tmp_pat
     np.testing.assert_array_equal(a, b)  # bitwise
 
 
-def test_wsd_run_resumed_from_its_stable_phase_into_a_longer_budget_equals_that_run(
-  config, tmp_path
-):
+def test_wsd_stable_phase_checkpoint_decayed_over_a_longer_budget_equals_that_run(config, tmp_path):
   """warmup_stable_decay's use in scaling studies: a checkpoint from the stable phase of
-  an 80-step run, resumed with num_train_steps=120 (--allow_config_change), ends with the
-  parameters of a 120-step run, bit for bit: the rate before a decay does not depend on
-  the budget, nor do the batches."""
+  an 80-step run, continued to 120 steps, ends with the parameters of a 120-step run,
+  bit for bit (the rate before a decay does not depend on the budget, nor do the
+  batches): resumed in its own workdir (--allow_config_change) or branched into a new
+  one (config.init.mode="continue"), which leaves the source as it was."""
   config.schedule = config_lib.entry(
     "schedule", "warmup_stable_decay", warmup_steps=10, decay_fraction=0.25
   )
   config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps = 30, -1, 30
+  config.max_to_keep, config.keep_every_steps = 1, 60
   config.num_train_steps = 120
   train.train_and_evaluate(config, str(tmp_path / "long"))
+  _, long = _final_params(tmp_path / "long")
   config.num_train_steps = 80  # decays from step 60
   train.train_and_evaluate(config, str(tmp_path / "short"))
+  assert sorted(p.name for p in (tmp_path / "short" / "checkpoints").iterdir()) == ["60", "80"]
+  branch = config.copy_and_resolve_references()
+  branch.num_train_steps = 120
+  branch.init.checkpoint, branch.init.mode = (
+    str(tmp_path / "short" / "checkpoints" / "60"),
+    "continue",
+  )
+  train.train_and_evaluate(branch, str(tmp_path / "branch"))
+  saved = json.loads((tmp_path / "branch" / "config.json").read_text())["derived"]["init"]
+  assert saved["step"] == 60 and saved["mode"] == "continue"
+  assert sorted(p.name for p in (tmp_path / "short" / "checkpoints").iterdir()) == ["60", "80"]
   shutil.rmtree(tmp_path / "short" / "checkpoints" / "80")  # resume from step 60
   config.num_train_steps = 120
   train.train_and_evaluate(config, str(tmp_path / "short"), allow_config_change=True)
-  (step_a, long), (step_b, resumed) = (
-    _final_params(tmp_path / "long"),
-    _final_params(tmp_path / "short"),
-  )
-  assert step_a == step_b == 120
-  for a, b in zip(jax.tree.leaves(long), jax.tree.leaves(resumed), strict=True):
-    np.testing.assert_array_equal(a, b)
+  for workdir in ("branch", "short"):
+    step, params = _final_params(tmp_path / workdir)
+    assert step == 120
+    for a, b in zip(jax.tree.leaves(long), jax.tree.leaves(params), strict=True):
+      np.testing.assert_array_equal(a, b, err_msg=workdir)
+  branch.model.widths = (16,)  # another model: one line before any step
+  with pytest.raises(config_lib.ConfigError, match=r"does not fit this config's .* same model"):
+    train.train_and_evaluate(branch, str(tmp_path / "other"))
 
 
 def test_checkpoints_at_multiples_of_keep_every_steps_are_kept(config, tmp_path):
