@@ -8,6 +8,12 @@ context 64 and batch 16; data sizes are the tokens trained on (250, 750 and
 train split at the most). Every run has its own full warm-up + cosine schedule
 (Hoffmann et al.'s setting: one run per (N, D)), AdamW at 3e-3, no dropout.
 `shakespeare_scaling.py:size=s4,steps=750` is one cell.
+
+`schedule=wsd`: warm-up (100 steps), stable, and a linear decay to 0 over the last
+20% (warmup_stable_decay), keeping every 200th step's checkpoint: the 2,000-step
+run's stable phase is then every shorter budget's, and `--config.init.mode=continue
+--config.init.checkpoint=WORKDIR/checkpoints/600` decays it over 750 steps
+(results/wsd.md).
 """
 
 from research import config as config_lib
@@ -24,9 +30,11 @@ STEPS = (250, 750, 2000)
 
 
 def get_config(arg=None):
-  options = config_lib.parse_arg(arg, size="s5", steps=750)
+  options = config_lib.parse_arg(arg, size="s5", steps=750, schedule="cosine")
   if options.size not in SIZES:
     raise config_lib.ConfigError(f"size={options.size!r}: valid: {', '.join(SIZES)}")
+  if options.schedule not in ("cosine", "wsd"):
+    raise config_lib.ConfigError(f"schedule={options.schedule!r}: valid: cosine, wsd")
   layers, heads, width = SIZES[options.size]
   config = config_lib.base()
   config.data.name = "tiny_shakespeare"
@@ -43,6 +51,10 @@ def get_config(arg=None):
   config.schedule = config_lib.entry(
     "schedule", "warmup_cosine", warmup_steps=warmup, end_value=1e-4
   )
+  if options.schedule == "wsd":
+    config.schedule = config_lib.entry(
+      "schedule", "warmup_stable_decay", warmup_steps=100, decay_fraction=0.2
+    )
   config.sharding_rules.vocab = ()
   config.global_batch_size = 16
   config.eval_batch_size = 64
@@ -50,6 +62,8 @@ def get_config(arg=None):
   config.log_every_steps = min(100, options.steps)
   config.checkpoint_every_steps = options.steps
   config.max_to_keep = 1
+  if options.schedule == "wsd":  # the stable phase's points to decay from
+    config.checkpoint_every_steps = config.keep_every_steps = 200
   return config
 
 

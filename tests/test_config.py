@@ -16,7 +16,13 @@ from research import config as config_lib
 EXPERIMENTS = sorted(Path(config_lib.REPO_ROOT, "experiments").glob("*.py"))
 
 
-@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+VARIANTS = [  # file.py:arg variants with settings of their own
+  f"{config_lib.REPO_ROOT}/experiments/shakespeare_scaling.py:schedule=wsd,steps={steps}"
+  for steps in (250, 2000)
+]
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS + VARIANTS, ids=lambda p: Path(p).name)
 def test_every_experiment_loads_and_validates(path):
   config = config_lib.load_file(str(path))
   config_lib.validate(config)
