@@ -202,6 +202,15 @@ def _reason(error: Exception) -> str:
   return ": ".join(parts[-2:])[:300] if len(parts) > 2 else line[:300]
 
 
+def _finished_step(manager, directory, step: int | None) -> int:
+  """`step`, or the latest if None; FileNotFoundError if no finished checkpoint has it."""
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in manager.all_steps():
+    valid = list(manager.all_steps())
+    raise FileNotFoundError(f"{directory}: no finished checkpoint at step {step} (have {valid})")
+  return step
+
+
 def restore_state(directory: str | Path, step: int | None, abstract_state) -> tuple[int, Any]:
   """(step, train state) of another run's checkpoint (its latest by default), restored
   onto the shardings abstract_state carries; the directory is only read.
@@ -211,10 +220,7 @@ def restore_state(directory: str | Path, step: int | None, abstract_state) -> tu
     Path(directory).absolute(), options=ocp.CheckpointManagerOptions(create=False)
   )
   try:
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-      valid = list(manager.all_steps())
-      raise FileNotFoundError(f"{directory}: no finished checkpoint at step {step} (have {valid})")
+    step = _finished_step(manager, directory, step)
     restored = manager.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
     )
@@ -231,10 +237,7 @@ def read_tree(directory: str | Path, step: int | None = None) -> tuple[int, dict
   """
   manager = ocp.CheckpointManager(Path(directory).absolute())
   try:
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-      valid = list(manager.all_steps())
-      raise FileNotFoundError(f"{directory}: no finished checkpoint at step {step} (have {valid})")
+    step = _finished_step(manager, directory, step)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   finally:
     manager.close()
