@@ -63,7 +63,7 @@ def check_workdir(workdir: Path, config, allow_config_change: bool) -> None:
       f"--workdir={workdir}: not writable ({existing} is not a writable directory)"
     )
   saved_path = workdir / "config.json"
-  if saved_path.exists() and not allow_config_change:
+  if saved_path.exists() and not allow_config_change and has_trained(workdir):
     saved = json.loads(saved_path.read_text())["config"]
     current = json.loads(config_lib.to_json(config))["config"]
     differ = config_lib.diff(saved, current, ignore=DEPLOYMENT_KEYS)
@@ -72,6 +72,16 @@ def check_workdir(workdir: Path, config, allow_config_change: bool) -> None:
         f"--workdir={workdir} holds a run with another config ({'; '.join(differ)}); "
         "use a new --workdir, or --allow_config_change to resume it anyway"
       )
+
+
+def has_trained(workdir: Path) -> bool:
+  """Whether a run in `workdir` logged a train step or saved a checkpoint. One that
+  stopped before either (bad input found at its first step) leaves only its config
+  and tables, which a corrected command may replace."""
+  metrics = workdir / "metrics.jsonl"
+  return bool(list(workdir.glob("checkpoints*/*"))) or (
+    metrics.exists() and metrics.stat().st_size > 0
+  )
 
 
 class TrainingHalted(RuntimeError):
@@ -331,7 +341,13 @@ def train_and_evaluate(
       trace.before(step, sums)
       if step == start_step:  # XLA's FLOP count for MFU; the call below reuses this compile
         t_lower = time.perf_counter()
-        lowered = train_step.lower(state, sums, *feed)
+        try:
+          lowered = train_step.lower(state, sums, *feed)
+        except ValueError as e:  # a model's refusal of a setting in training (model.KEY=...)
+          first_line = str(e).splitlines()[0] if str(e) else ""
+          if not first_line.startswith("model."):
+            raise
+          raise config_lib.ConfigError(f"config.{first_line}") from None
         t_compile = time.perf_counter()
         first_compiled = lowered.compile()  # from the persistent cache on a second start
         logging.info(

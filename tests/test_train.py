@@ -205,6 +205,32 @@ def test_profile_traces_the_chosen_steps_and_changes_nothing(config, tmp_path, m
     train.train_and_evaluate(config, str(tmp_path / "bad"))
 
 
+def test_a_setting_refused_at_the_first_step_is_a_config_error_and_the_fixed_run_starts(
+  tfds_data_dir, tmp_path
+):
+  """A value the model refuses only in training (fused attention with dropout) stops the
+  run at its first step with one ConfigError; the workdir then holds a config but no
+  trained step, so the corrected command starts there instead of being refused as a run
+  with another config."""
+  from research import bench
+
+  config, _ = bench.family_config("lm", smoke=True)
+  config.data.data_dir = tfds_data_dir
+  config.num_train_steps, config.log_every_steps = 2, 1
+  config.model.attention, config.model.dropout = "xla", 0.1
+  with pytest.raises(
+    config_lib.ConfigError, match=r"^config.model.attention='xla' has no attention dropout"
+  ):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert (tmp_path / "config.json").exists() and not train.has_trained(tmp_path)
+  config.model.dropout = 0.0
+  train.train_and_evaluate(config, str(tmp_path))
+  assert train.has_trained(tmp_path)
+  config.model.dropout = 0.1  # a run that trained is still guarded
+  with pytest.raises(config_lib.ConfigError, match="holds a run with another config"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
 def test_weight_average_is_evaluated_checkpointed_and_resumed(config, tmp_path):
   import jax
 
