@@ -8,6 +8,7 @@ optimizer, the train state's layout on the mesh, and the initial state
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -101,6 +102,21 @@ def check_batch_sizes(config, mesh, process_count: int) -> None:
     )
 
 
+@contextlib.contextmanager
+def model_refusals_as_config_errors():
+  """A ValueError that names a model setting ("model.attention='flash': valid: ...",
+  "sequence length 300 > model.max_len=64"), raised while a model is traced, becomes
+  the config's error: one line, exit 2. Other ValueErrors pass as they are."""
+  try:
+    yield
+  except ValueError as e:
+    first_line = str(e).splitlines()[0] if str(e) else ""
+    if "model." not in first_line:
+      raise
+    prefix = "config." if first_line.startswith("model.") else ""
+    raise config_lib.ConfigError(prefix + first_line) from None
+
+
 def build(config, before_data=None) -> Experiment:
   """Validates the config, builds the mesh, loads the data (process 0 prepares it,
   the others read it after), the model, the optimizer and the state's shardings.
@@ -135,14 +151,8 @@ def build(config, before_data=None) -> Experiment:
   init = functools.partial(
     step_lib.init_state, model, tx, rng_for(config.seed, "params"), dataset.eval["inputs"][:1]
   )
-  try:
+  with model_refusals_as_config_errors():
     boxed_shape = jax.eval_shape(functools.partial(init, boxed=True))
-  except ValueError as e:  # a model names its bad setting "model.KEY=...": the config's
-    first_line = str(e).splitlines()[0] if str(e) else ""
-    if "model." not in first_line:
-      raise
-    prefix = "config." if first_line.startswith("model.") else ""
-    raise config_lib.ConfigError(prefix + first_line) from None
   state_shape, state_sharding, rows = sharding.state_shardings(
     boxed_shape, mesh, config.sharding_rules
   )

@@ -341,13 +341,8 @@ def train_and_evaluate(
       trace.before(step, sums)
       if step == start_step:  # XLA's FLOP count for MFU; the call below reuses this compile
         t_lower = time.perf_counter()
-        try:
+        with experiment.model_refusals_as_config_errors():  # settings refused in training
           lowered = train_step.lower(state, sums, *feed)
-        except ValueError as e:  # a model's refusal of a setting in training (model.KEY=...)
-          first_line = str(e).splitlines()[0] if str(e) else ""
-          if not first_line.startswith("model."):
-            raise
-          raise config_lib.ConfigError(f"config.{first_line}") from None
         t_compile = time.perf_counter()
         first_compiled = lowered.compile()  # from the persistent cache on a second start
         logging.info(
