@@ -351,18 +351,19 @@ REMAT_POLICIES = ("none", "full", "minimal")
 
 
 @functools.cache
-def remat(module_class, policy: str, static_argnums: tuple[int, ...] = ()):
+def remat(module_class, policy: str, static_argnums: tuple[int, ...] = (), train: bool = True):
   """`module_class` with its activations recomputed in the backward pass instead of kept
   (jax.checkpoint; MaxText's `remat_policy`), parameters and names unchanged.
 
   "none": the class itself; "full": keeps only the module's inputs; "minimal": also
   keeps the outputs of its matmuls without batch dimensions (the projections; the
   attention's batched matmuls, softmax and activations are recomputed).
-  `static_argnums`: the call's Python arguments (`self` is 0).
+  `static_argnums`: the call's Python arguments (`self` is 0). `train=False` (no
+  gradient, so nothing to recompute): the class itself, the policy still checked.
   """
   if policy not in REMAT_POLICIES:
     raise ValueError(f"model.remat={policy!r}: valid: {', '.join(REMAT_POLICIES)}")
-  if policy == "none":
+  if policy == "none" or not train:
     return module_class
   saveable = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
   return nn.remat(

@@ -286,8 +286,6 @@ class TransformerLM(nn.Module):
       )
     if self.attention not in ATTENTION_IMPLS:
       raise ValueError(f"model.attention={self.attention!r}: valid: {', '.join(ATTENTION_IMPLS)}")
-    if self.remat not in layers.REMAT_POLICIES:
-      raise ValueError(f"model.remat={self.remat!r}: valid: {', '.join(layers.REMAT_POLICIES)}")
     if self.embed_dim % self.num_heads:
       raise ValueError(f"model.embed_dim={self.embed_dim} is not divisible by num_heads")
     length = tokens_BxL.shape[1]
@@ -312,9 +310,9 @@ class TransformerLM(nn.Module):
       x_BxLxD = x_BxLxD + jnp.take(table_LxD, positions_L, axis=0).astype(dtype)
     x_BxLxD = layers.Dropout(self.dropout, deterministic=not train)(x_BxLxD)
     x_BxLxD = layers.constrain(x_BxLxD, ("batch", None, "embed"))
-    policy = self.remat if train and not decode else "none"  # only a gradient needs it
-    attention = layers.remat(Attention, policy, static_argnums=(3, 4))  # train, decode
-    mlp = layers.remat(MLPBlock, policy)
+    training = train and not decode  # only a gradient needs the recomputation
+    attention = layers.remat(Attention, self.remat, (3, 4), training)  # (train, decode)
+    mlp = layers.remat(MLPBlock, self.remat, train=training)
     for i in range(self.num_layers):
       h_BxLxD = _norm(self.norm, f"block_{i}_norm_1")(x_BxLxD).astype(dtype)
       h_BxLxD = attention(

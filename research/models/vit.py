@@ -102,7 +102,7 @@ class ViT(nn.Module):
       )
     if self.embed_dim % self.num_heads:
       raise ValueError(f"model.embed_dim={self.embed_dim} is not divisible by num_heads")
-    block = layers.remat(EncoderBlock, self.remat if train else "none", static_argnums=(2,))
+    block = layers.remat(EncoderBlock, self.remat, static_argnums=(2,), train=train)
     dtype = layers.compute_dtype(self.dtype)
     patches_BxNxF = patchify(x_BxHxWxC.astype(dtype), self.patch_size)
     x_BxNxD = layers.dense(self.embed_dim, (None, "embed"), dtype, "patch_embedding")(patches_BxNxF)
