@@ -166,7 +166,7 @@ class Checkpointer:
     target.parent.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
       shutil.move(source, target)
-    reason = _first_line(error)[:200]
+    reason = first_line(error)[:200]
     logging.warning(
       "checkpoint %s does not restore (%s: %s); moved it to %s and falling back",
       source, type(error).__name__, reason, target,
@@ -191,13 +191,14 @@ class Checkpointer:
         self.manager.close()
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
+  """An error's first line (its type's name if it has no message)."""
   return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _reason(error: Exception) -> str:
   """The end of an Orbax/TensorStore error's first line: 'Failed to write ...: No space left'."""
-  line = _first_line(error)
+  line = first_line(error)
   parts = line.split(": ")
   return ": ".join(parts[-2:])[:300] if len(parts) > 2 else line[:300]
 

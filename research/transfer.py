@@ -190,7 +190,7 @@ def continue_from(path: str, abstract_state) -> tuple[int, object, dict]:
   except Exception as e:  # noqa: BLE001  Orbax/TensorStore raise many types
     # Orbax's first sentence ("Requested shape: (64, 10) is not compatible with the
     # stored shape: (128, 10)"), not its advice on how to pad or truncate arrays
-    reason = str(e).strip().splitlines()[0].split(". ")[0][:300] or type(e).__name__
+    reason = checkpoint.first_line(e).split(". ")[0][:300]
     raise ConfigError(
       f"config.init.checkpoint={path!r}: its train state does not fit this config's "
       f"({reason}); config.init.mode='continue' needs the same model and optimizer"
